@@ -1,0 +1,36 @@
+"""kerasbn: Batch Normalization for Keras 3 on TensorFlow.
+
+    import kerasbn
+    layer = kerasbn.BatchNormalization(synchronized=True)
+    model = kerasbn.convert_to_kerasbn(model)          # swap stock Keras batch norms
+    kerasbn.export.export_saved_model(model, "saved_models/my_model")
+"""
+
+import keras as _keras
+
+if _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "kerasbn needs Keras's TensorFlow backend, but Keras is using the "
+        f"'{_keras.backend.backend()}' backend. Set the environment variable "
+        "KERAS_BACKEND=tensorflow before Python starts (or before the first "
+        "`import keras`), or set \"backend\": \"tensorflow\" in ~/.keras/keras.json."
+    )
+
+from kerasbn.layer import BatchNormalization  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["BatchNormalization", "convert_to_kerasbn", "export"]
+
+
+def __getattr__(name):
+    # convert and export import the layer; loading them lazily keeps `import kerasbn`
+    # light and free of import cycles.
+    if name == "convert_to_kerasbn":
+        from kerasbn.convert import convert_to_kerasbn
+
+        return convert_to_kerasbn
+    if name == "export":
+        import importlib
+
+        return importlib.import_module("kerasbn.export")
+    raise AttributeError(f"module 'kerasbn' has no attribute {name!r}")

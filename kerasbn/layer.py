@@ -1,0 +1,393 @@
+"""kerasbn.BatchNormalization: the Keras layer (weights, config, modes, moving statistics)."""
+
+import numbers
+
+import keras
+import tensorflow as tf
+
+from kerasbn import distribute
+from kerasbn import ops
+
+_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+@keras.saving.register_keras_serializable(package="kerasbn")
+class BatchNormalization(keras.layers.Layer):
+    """Batch normalization (Ioffe & Szegedy, 2015), exact and synchronizable.
+
+    In training (`training=True` and `trainable=True`) the layer normalizes with the
+    statistics of the batch and updates the moving statistics; otherwise it applies
+    the frozen affine of Algorithm 2:
+
+        training:   y = γ·(x - mean_B)/sqrt(var_B + ε) + β
+                    moving_mean ← momentum·moving_mean + (1 - momentum)·mean_B
+        inference:  y = γ·(x - moving_mean)/sqrt(moving_var + ε) + β
+
+    Every argument of `keras.layers.BatchNormalization` keeps its name, default and
+    meaning, and the weights (`gamma`, `beta`, `moving_mean`, `moving_variance`, plus
+    the renorm ones) copy between the two layers one to one. What it adds: exact
+    variance (no E[x²] - E[x]²), a hand-derived gradient, `axis` as a list,
+    cross-replica statistics in one collective per pass, replica groups, Bessel's
+    correction, and moving statistics that a non-finite batch cannot corrupt.
+
+    Args:
+        axis: the channel axis, or a list of axes, that keep their own statistics.
+        momentum: weight of the old value in the moving averages, in [0, 1).
+        epsilon: added to the variance before the square root, > 0.
+        center: whether to add the learned offset β.
+        scale: whether to multiply by the learned scale γ.
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_variance_initializer: initializers of the weights.
+        beta_regularizer, gamma_regularizer: optional regularizers.
+        beta_constraint, gamma_constraint: optional constraints.
+        synchronized: under a `tf.distribute` strategy with several replicas, compute
+            the statistics over the global batch of all replicas (forward and
+            backward). Outside a strategy it changes nothing.
+        renorm: use Batch Renormalization (Ioffe, 2017).
+        renorm_clipping: dict with optional keys "rmax", "rmin", "dmax" bounding the
+            renorm corrections r and d.
+        renorm_momentum: momentum of the renorm moving mean and stddev, in [0, 1).
+        bessel_correction: update the moving variance with the unbiased estimate
+            m/(m-1)·var_B (PyTorch's convention, the paper's Algorithm 2).
+        sync_group_size: with `synchronized=True`, share statistics within groups of
+            this many consecutive replicas instead of across all of them.
+        **kwargs: base layer arguments (name, dtype, trainable, ...).
+
+    Raises:
+        ValueError: on an argument outside what is allowed (the message names it).
+
+    Example:
+
+    >>> model = keras.Sequential([
+    ...     keras.Input((32, 32, 3)),
+    ...     keras.layers.Conv2D(16, 3, use_bias=False),
+    ...     kerasbn.BatchNormalization(),
+    ...     keras.layers.ReLU(),
+    ... ])
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        synchronized=False,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        bessel_correction=False,
+        sync_group_size=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+        self.axis = self._validated_axis(axis)
+        self.momentum = self._validated_momentum("momentum", momentum)
+        self.epsilon = self._validated_epsilon(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = keras.initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.synchronized = bool(synchronized)
+        self.renorm = bool(renorm)
+        self.renorm_clipping = self._validated_renorm_clipping(renorm_clipping)
+        self.renorm_momentum = self._validated_momentum(
+            "renorm_momentum", renorm_momentum
+        )
+        self.bessel_correction = bool(bessel_correction)
+        self.sync_group_size = self._validated_sync_group_size(sync_group_size)
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+
+    # ---------------------------------------------------------------- validation
+
+    def _argument_error(self, argument, value, allowed):
+        return ValueError(
+            f"BatchNormalization layer '{self.name}': argument `{argument}` must be "
+            f"{allowed}; received {argument}={value!r}."
+        )
+
+    def _validated_axis(self, axis):
+        axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+        if not axes or not all(
+            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes
+        ):
+            raise self._argument_error("axis", axis, "an int or a non-empty list of ints")
+        if len(set(axes)) != len(axes):
+            raise self._argument_error("axis", axis, "a list of distinct axes")
+        return [int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis)
+
+    def _validated_momentum(self, argument, momentum):
+        if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
+            raise self._argument_error(argument, momentum, "a number in [0, 1)")
+        return float(momentum)
+
+    def _validated_epsilon(self, epsilon):
+        if not isinstance(epsilon, numbers.Real) or not epsilon > 0.0:
+            raise self._argument_error("epsilon", epsilon, "a number > 0")
+        return float(epsilon)
+
+    def _validated_renorm_clipping(self, clipping):
+        if clipping is None:
+            return {}
+        if not isinstance(clipping, dict) or set(clipping) - set(_RENORM_CLIPPING_KEYS):
+            raise self._argument_error(
+                "renorm_clipping", clipping,
+                f"a dict with keys among {list(_RENORM_CLIPPING_KEYS)}",
+            )
+        clipping = {k: (None if v is None else float(v)) for k, v in clipping.items()}
+        rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
+        if rmin is not None and rmax is not None and rmin > rmax:
+            raise self._argument_error("renorm_clipping", clipping, "rmin <= rmax")
+        if rmin is not None and rmin < 0:
+            raise self._argument_error("renorm_clipping", clipping, "rmin >= 0")
+        if dmax is not None and dmax < 0:
+            raise self._argument_error("renorm_clipping", clipping, "dmax >= 0")
+        return clipping
+
+    def _validated_sync_group_size(self, size):
+        if size is None:
+            return None
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+            raise self._argument_error("sync_group_size", size, "None or an int >= 1")
+        if not self.synchronized:
+            raise self._argument_error(
+                "sync_group_size", size, "None unless synchronized=True"
+            )
+        return int(size)
+
+    def _channel_axes_for_rank(self, rank):
+        """The channel axes, made non-negative and sorted, for inputs of `rank`."""
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        if any(not -rank <= a < rank for a in axes):
+            raise self._argument_error(
+                "axis", self.axis, f"within [-{rank}, {rank}) for inputs of rank {rank}"
+            )
+        positive = sorted(a % rank for a in axes)
+        if len(set(positive)) != len(positive):
+            raise self._argument_error(
+                "axis", self.axis, f"distinct axes for inputs of rank {rank}"
+            )
+        if len(positive) == rank:
+            raise self._argument_error(
+                "axis", self.axis, "leaving at least one axis to compute statistics over"
+            )
+        return positive
+
+    # ---------------------------------------------------------------- build
+
+    def build(self, input_shape):
+        rank = len(input_shape)
+        self._rank = rank
+        self._channel_axes = self._channel_axes_for_rank(rank)
+        channel_shape = [input_shape[a] for a in self._channel_axes]
+        if any(size is None for size in channel_shape):
+            raise ValueError(
+                f"BatchNormalization layer '{self.name}': the channel dimension of the "
+                f"input (axis={self.axis}) must be known when the layer is built; "
+                f"received input shape {tuple(input_shape)}."
+            )
+        self._channel_shape = channel_shape
+        self._reduction_axes = ops.reduction_axes(rank, self._channel_axes)
+        self._broadcast_shape = ops.broadcast_shape(rank, self._channel_axes, channel_shape)
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=channel_shape, name="gamma", initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer, constraint=self.gamma_constraint,
+                trainable=True, autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=channel_shape, name="beta", initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer, constraint=self.beta_constraint,
+                trainable=True, autocast=False,
+            )
+        self.moving_mean = self._add_statistic("moving_mean", self.moving_mean_initializer)
+        self.moving_variance = self._add_statistic(
+            "moving_variance", self.moving_variance_initializer
+        )
+        if self.renorm:
+            stddev_initializer = _SqrtOf(self.moving_variance_initializer)
+            self.moving_stddev = self._add_statistic("moving_stddev", stddev_initializer)
+            self.renorm_mean = self._add_statistic(
+                "renorm_mean", self.moving_mean_initializer
+            )
+            self.renorm_stddev = self._add_statistic("renorm_stddev", stddev_initializer)
+
+    def _add_statistic(self, name, initializer):
+        # Under synchronization every replica computes the same update, so the first
+        # replica's value is the value; otherwise replicas average, as in Keras.
+        aggregation = "only_first_replica" if self.synchronized else "mean"
+        return self.add_weight(
+            shape=self._channel_shape, name=name, initializer=initializer,
+            trainable=False, autocast=False, aggregation=aggregation,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    # ---------------------------------------------------------------- call
+
+    def call(self, inputs, training=None, mask=None):
+        self._check_inputs(inputs)
+        if training and self.trainable:
+            return self._normalize_with_batch_statistics(inputs, mask)
+        return self._normalize_with_moving_statistics(inputs)
+
+    def _check_inputs(self, inputs):
+        dtype = tf.as_dtype(inputs.dtype)
+        if not dtype.is_floating:
+            raise TypeError(
+                f"BatchNormalization layer '{self.name}': argument `inputs` must be a "
+                "floating-point tensor (float16, bfloat16, float32 or float64); "
+                f"received dtype={dtype.name}."
+            )
+        if inputs.shape.rank != self._rank:
+            raise ValueError(
+                f"BatchNormalization layer '{self.name}': argument `inputs` must have "
+                f"rank {self._rank}, the rank the layer was built for; received shape "
+                f"{tuple(inputs.shape)} (rank {inputs.shape.rank})."
+            )
+
+    def _scale_and_offset(self, dtype):
+        gamma = (tf.cast(self.gamma, dtype) if self.scale
+                 else tf.ones(self._channel_shape, dtype))
+        beta = (tf.cast(self.beta, dtype) if self.center
+                else tf.zeros(self._channel_shape, dtype))
+        return gamma, beta
+
+    def _normalize_with_moving_statistics(self, inputs):
+        dtype = ops.statistics_dtype(inputs.dtype)
+        a, b = ops.inference_coefficients(
+            tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype),
+            self.gamma, self.beta, self.epsilon,
+        )
+        return ops.affine(inputs, a, b, self._broadcast_shape)
+
+    def _normalize_with_batch_statistics(self, inputs, mask):
+        weights = self._mask_weights(mask)
+        count, mean, variance = ops.moments(inputs, self._reduction_axes, weights)
+        group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
+        if group is not None:
+            count, mean, variance = group.merge_moments(count, mean, variance)
+        gamma, beta = self._scale_and_offset(mean.dtype)
+        if self.renorm:
+            r, d = ops.renorm_correction(
+                mean, variance,
+                tf.cast(self.renorm_mean, mean.dtype),
+                tf.cast(self.renorm_stddev, mean.dtype),
+                epsilon=self.epsilon, **self.renorm_clipping,
+            )
+            gamma, beta = gamma * r, gamma * d + beta
+        outputs = ops.normalize_for_training(
+            inputs, mean, variance, gamma, beta,
+            epsilon=self.epsilon, axes=self._reduction_axes,
+            shape=self._broadcast_shape, count=count, mask=weights,
+            sum_across_replicas=None if group is None else group.sum,
+        )
+        self._update_moving_statistics(count, mean, variance)
+        return outputs
+
+    def _mask_weights(self, mask):
+        """A Keras mask (one dim per non-channel axis) as 0/1 weights broadcastable to x."""
+        if mask is None:
+            return None
+        expected_rank = self._rank - len(self._channel_axes)
+        if mask.shape.rank != expected_rank:
+            raise ValueError(
+                f"BatchNormalization layer '{self.name}': argument `mask` must have rank "
+                f"{expected_rank} (the input's rank without its channel axes); received "
+                f"mask shape {tuple(mask.shape)}."
+            )
+        for axis in self._channel_axes:
+            mask = tf.expand_dims(mask, axis)
+        return mask
+
+    # ---------------------------------------------------------------- moving statistics
+
+    def _update_moving_statistics(self, count, mean, variance):
+        """Moves the averages toward this batch, unless its statistics are unusable.
+
+        A batch with a non-finite statistic, or with no values at all, leaves every
+        moving statistic at its last value.
+        """
+        usable = tf.logical_and(ops.all_finite(mean, variance), tf.reduce_all(count > 0))
+        if self.bessel_correction:
+            variance = variance * count / tf.maximum(count - 1.0, 1.0)
+
+        def move(variable, value, momentum):
+            old = tf.cast(variable, value.dtype)
+            new = tf.where(usable, ops.moving_average(old, value, momentum), old)
+            variable.assign(tf.cast(new, variable.dtype))
+            return new
+
+        move(self.moving_mean, mean, self.momentum)
+        if not self.renorm:
+            move(self.moving_variance, variance, self.momentum)
+            return
+        stddev = tf.sqrt(variance + self.epsilon)
+        move(self.renorm_mean, mean, self.renorm_momentum)
+        move(self.renorm_stddev, stddev, self.renorm_momentum)
+        moving_stddev = move(self.moving_stddev, stddev, self.momentum)
+        self.moving_variance.assign(
+            tf.cast(tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
+                    self.moving_variance.dtype)
+        )
+
+    # ---------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        serialize = keras.saving.serialize_keras_object
+        config.update({
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": serialize(self.beta_initializer),
+            "gamma_initializer": serialize(self.gamma_initializer),
+            "moving_mean_initializer": serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": serialize(self.moving_variance_initializer),
+            "beta_regularizer": serialize(self.beta_regularizer),
+            "gamma_regularizer": serialize(self.gamma_regularizer),
+            "beta_constraint": serialize(self.beta_constraint),
+            "gamma_constraint": serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping or None,
+            "renorm_momentum": self.renorm_momentum,
+            "bessel_correction": self.bessel_correction,
+            "sync_group_size": self.sync_group_size,
+        })
+        return config
+
+
+class _SqrtOf(keras.initializers.Initializer):
+    """sqrt of another initializer: the renorm stddevs start at sqrt(moving variance)."""
+
+    def __init__(self, initializer):
+        self.initializer = initializer
+
+    def __call__(self, shape, dtype=None):
+        return tf.sqrt(self.initializer(shape, dtype=dtype))

@@ -1,0 +1,252 @@
+"""The math of batch normalization, in pure TensorFlow.
+
+No Keras state and no `tf.distribute` here: every function maps tensors to tensors.
+Cross-replica code passes a `sum_across_replicas` callable where a sum must span replicas.
+
+Notation (per channel, over the m values of every non-channel axis):
+
+    mean  = (1/m) Σ x
+    var   = (1/m) Σ (x - mean)²
+    x̂     = (x - mean) / sqrt(var + ε)
+    y     = γ x̂ + β
+
+Statistics are float32 for float16, bfloat16 and float32 inputs, and float64 for
+float64 inputs (`statistics_dtype`).
+"""
+
+import tensorflow as tf
+
+
+def statistics_dtype(dtype):
+    """The dtype statistics accumulate in for inputs of `dtype`: float32 or float64."""
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def reduction_axes(rank, channel_axes):
+    """The axes statistics are reduced over: every axis that is not a channel axis.
+
+    Args:
+        rank: the input's rank.
+        channel_axes: non-negative channel axes.
+
+    Returns:
+        A sorted list of ints.
+    """
+    return [axis for axis in range(rank) if axis not in channel_axes]
+
+
+def broadcast_shape(rank, channel_axes, channel_shape):
+    """The shape that makes a per-channel tensor broadcast against the input.
+
+    For an NHWC input with channel axis 3 and 64 channels this is [1, 1, 1, 64].
+    """
+    shape = [1] * rank
+    for axis, size in zip(sorted(channel_axes), channel_shape):
+        shape[axis] = size
+    return shape
+
+
+def _to_channels(tensor, axes):
+    """Squeezes a keepdims reduction down to the channel shape."""
+    return tf.squeeze(tensor, axis=axes) if axes else tensor
+
+
+def moments(x, axes, mask=None):
+    """Per-channel count, mean and variance, accumulated in float32.
+
+    Two passes over the data (mean first, then the mean of squared deviations from it),
+    so the variance is accurate to float32 rounding for any ratio of mean to standard
+    deviation. An empty batch (no values, or every value masked) gives count 0, mean 0
+    and variance 0 rather than NaN, so that it merges as "no data".
+
+    Args:
+        x: the input, any float dtype.
+        axes: the reduction axes (see `reduction_axes`).
+        mask: optional weights broadcastable to `x`, 1 where a value counts and 0 where
+            it does not (a Keras mask with channel dims of size 1).
+
+    Returns:
+        `(count, mean, variance)`, float32 tensors of the channel shape.
+    """
+    dtype = statistics_dtype(x.dtype)
+    x = tf.cast(x, dtype)
+    if mask is None:
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+        divisor = tf.maximum(count, 1.0)
+        mean = tf.reduce_sum(x, axes, keepdims=True) / divisor
+        deviations = tf.math.squared_difference(x, mean)
+        variance = tf.reduce_sum(deviations, axes, keepdims=True) / divisor
+        count = tf.fill(tf.shape(_to_channels(mean, axes)), count)
+    else:
+        weights = tf.cast(mask, dtype)
+        count = tf.reduce_sum(
+            tf.broadcast_to(weights, tf.shape(x)), axes, keepdims=True
+        )
+        divisor = tf.maximum(count, 1.0)
+        mean = tf.reduce_sum(x * weights, axes, keepdims=True) / divisor
+        deviations = weights * tf.math.squared_difference(x, mean)
+        variance = tf.reduce_sum(deviations, axes, keepdims=True) / divisor
+        count = _to_channels(count, axes)
+    return count, _to_channels(mean, axes), _to_channels(variance, axes)
+
+
+def merge_moments(counts, means, variances):
+    """Merges the moments of disjoint parts of a batch into those of the whole.
+
+    The parts run along axis 0. The merge is exact in exact arithmetic and stable in
+    floating point (Chan, Golub & LeVeque): no E[x²] - E[x]² anywhere.
+
+        n = Σ nᵢ     mean = Σ nᵢ·meanᵢ / n
+        var = (Σ nᵢ·varᵢ + Σ nᵢ·(meanᵢ - mean)²) / n
+
+    Parts with nᵢ = 0 contribute nothing; if every part is empty the result is
+    count 0, mean 0, variance 0.
+
+    Args:
+        counts, means, variances: float32 tensors of shape [parts, *channel_shape].
+
+    Returns:
+        `(count, mean, variance)` of shape channel_shape.
+    """
+    count = tf.reduce_sum(counts, axis=0)
+    divisor = tf.maximum(count, 1.0)
+    mean = tf.reduce_sum(counts * means, axis=0) / divisor
+    within = tf.reduce_sum(counts * variances, axis=0)
+    between = tf.reduce_sum(counts * tf.math.squared_difference(means, mean), axis=0)
+    return count, mean, (within + between) / divisor
+
+
+def inference_coefficients(mean, variance, gamma, beta, epsilon):
+    """The affine y = a·x + b that batch norm is at inference (Algorithm 2).
+
+        a = γ / sqrt(var + ε)        b = β - a·mean
+
+    Args:
+        mean, variance: float32 per-channel statistics.
+        gamma, beta: per-channel scale and offset, or None for 1 and 0.
+        epsilon: the variance floor ε.
+
+    Returns:
+        `(a, b)`, float32 tensors of the channel shape.
+    """
+    a = tf.math.rsqrt(variance + epsilon)
+    if gamma is not None:
+        a = a * tf.cast(gamma, a.dtype)
+    b = -mean * a
+    if beta is not None:
+        b = b + tf.cast(beta, a.dtype)
+    return a, b
+
+
+def affine(x, a, b, shape):
+    """y = a·x + b with per-channel a and b, computed in a's dtype, returned in x's.
+
+    Args:
+        x: the input.
+        a, b: per-channel tensors in the statistics dtype, of the channel shape.
+        shape: the broadcast shape of a and b (see `broadcast_shape`).
+    """
+    y = tf.cast(x, a.dtype) * tf.reshape(a, shape) + tf.reshape(b, shape)
+    return tf.cast(y, x.dtype)
+
+
+def normalize_for_training(
+    x, mean, variance, gamma, beta, *, epsilon, axes, shape, count,
+    mask=None, sum_across_replicas=None,
+):
+    """y = γ·(x - mean)/sqrt(var + ε) + β with the batch's own statistics.
+
+    `mean` and `variance` are the batch statistics of `x` (from `moments`, or merged
+    across replicas); their dependence on `x` is part of the hand-derived gradient:
+
+        dβ = Σ dy        dγ = Σ dy·x̂
+        dx = γ/sqrt(var+ε) · (dy - w·(Σ dy + x̂·Σ dy·x̂)/m)
+
+    where w is the mask (1 without one) and m the number of values that entered the
+    statistics. Under synchronization the two sums in dx span every replica of the
+    group (`sum_across_replicas`), while dγ and dβ stay local: the optimizer's
+    all-reduce of gradients adds them up.
+
+    The backward pass recomputes x̂ from its inputs with differentiable ops, so a
+    gradient of this gradient (a gradient penalty) is exact.
+
+    Args:
+        x: the input, any float dtype.
+        mean, variance: float32 batch statistics of the channel shape.
+        gamma, beta: float32 scale and offset of the channel shape.
+        epsilon: the variance floor ε.
+        axes: the reduction axes.
+        shape: the broadcast shape of per-channel tensors.
+        count: float32 number of values behind the statistics (m), channel shape.
+        mask: optional 0/1 weights broadcastable to `x`.
+        sum_across_replicas: optional callable summing a float32 tensor of shape
+            [k, *channel_shape] over the replicas that share statistics.
+
+    Returns:
+        y, in the dtype of x.
+    """
+    inv_std = tf.math.rsqrt(variance + epsilon)
+    weights = None if mask is None else tf.cast(mask, mean.dtype)
+
+    @tf.custom_gradient
+    def _normalize(x, mean, inv_std, gamma, beta):
+        a = gamma * inv_std
+        y = affine(x, a, beta - mean * a, shape)
+
+        def grad(dy):
+            x32 = tf.cast(x, mean.dtype)
+            dy32 = tf.cast(dy, mean.dtype)
+            x_hat = (x32 - tf.reshape(mean, shape)) * tf.reshape(inv_std, shape)
+            local = tf.stack([
+                tf.reduce_sum(dy32, axes),
+                tf.reduce_sum(dy32 * x_hat, axes),
+            ])
+            dbeta, dgamma = local[0], local[1]
+            total = local if sum_across_replicas is None else sum_across_replicas(local)
+            scale = tf.reshape(gamma * inv_std, shape)
+            sum_dy = tf.reshape(total[0] / tf.maximum(count, 1.0), shape)
+            sum_dy_xhat = tf.reshape(total[1] / tf.maximum(count, 1.0), shape)
+            correction = sum_dy + x_hat * sum_dy_xhat
+            if weights is not None:
+                correction = weights * correction
+            dx = scale * (dy32 - correction)
+            return tf.cast(dx, x.dtype), None, None, dgamma, dbeta
+
+        return y, grad
+
+    return _normalize(x, mean, inv_std, gamma, beta)
+
+
+def renorm_correction(mean, variance, renorm_mean, renorm_stddev, *, epsilon,
+                      rmin=None, rmax=None, dmax=None):
+    """The r and d of Batch Renormalization (Ioffe 2017), held constant in backprop.
+
+        σ_B = sqrt(var + ε)      σ = max(renorm_stddev, sqrt(ε))
+        r = clip(σ_B / σ, rmin, rmax)      d = clip((mean - renorm_mean) / σ, -dmax, dmax)
+
+    The normalized batch is then x̂·r + d. A bound given as None is not applied.
+
+    Returns:
+        `(r, d)`, tensors of the channel shape, with stopped gradients.
+    """
+    batch_stddev = tf.sqrt(variance + epsilon)
+    stddev = tf.maximum(renorm_stddev, tf.sqrt(tf.constant(epsilon, mean.dtype)))
+    r = batch_stddev / stddev
+    d = (mean - renorm_mean) / stddev
+    if rmin is not None:
+        r = tf.maximum(r, rmin)
+    if rmax is not None:
+        r = tf.minimum(r, rmax)
+    if dmax is not None:
+        d = tf.clip_by_value(d, -dmax, dmax)
+    return tf.stop_gradient(r), tf.stop_gradient(d)
+
+
+def moving_average(average, value, momentum):
+    """Keras's exponential moving average: momentum is the weight of the old value."""
+    return average * momentum + value * (1.0 - momentum)
+
+
+def all_finite(*tensors):
+    """A scalar bool: True when no element of any tensor is NaN or infinite."""
+    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])

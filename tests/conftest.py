@@ -1,0 +1,36 @@
+"""Test configuration: the CPU is split into logical devices before TensorFlow starts.
+
+Multi-replica tests run MirroredStrategy over these devices; everything else runs on
+the first one, as it would on a single-device machine.
+"""
+
+import os
+
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+NUM_LOGICAL_CPUS = 4
+
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS,
+)
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator with a fresh seed each run; the seed is printed on failure."""
+    seed = np.random.SeedSequence().entropy % (2**32)
+    print(f"rng seed for {request.node.name}: {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="session")
+def mirrored_strategy():
+    """MirroredStrategy over the logical CPU devices: NUM_LOGICAL_CPUS replicas."""
+    devices = [f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)]
+    return tf.distribute.MirroredStrategy(devices)
