@@ -4,7 +4,7 @@ A synchronized batch norm needs two cross-replica exchanges a step, each carryin
 per-channel numbers: the moments of every replica in the forward pass, and two sums
 (Σdy, Σdy·x̂) in the backward pass. Both are single collectives:
 
-- moments are all-gathered (each replica writes its (count, mean, variance) into its
+- moments are all-gathered (each replica writes its (count, shift, offset, variance) into its
   own slot of a zero tensor, and one all-reduce SUM fills every slot), then merged
   exactly with `ops.merge_moments` -- never E[x²] - E[x]²;
 - sums are one all-reduce SUM (or, with replica groups, the same gather followed by
@@ -47,18 +47,19 @@ class ReplicaGroup:
         start = (self.replica_id // self.group_size) * self.group_size
         return gathered[start:start + self.group_size]
 
-    def merge_moments(self, count, mean, variance):
+    def merge_moments(self, count, shift, offset, variance):
         """The moments of the group's whole batch from this replica's own.
 
         Args:
-            count, mean, variance: this replica's statistics, channel shape.
+            count, shift, offset, variance: this replica's statistics as
+                `ops.shifted_moments` returns them, channel shape.
 
         Returns:
             `(count, mean, variance)` of the group's concatenated batch, identical on
             every replica of the group.
         """
-        parts = self._gather_group(tf.stack([count, mean, variance], axis=0))
-        return ops.merge_moments(parts[:, 0], parts[:, 1], parts[:, 2])
+        parts = self._gather_group(tf.stack([count, shift, offset, variance], axis=0))
+        return ops.merge_moments(*tf.unstack(parts, axis=1))
 
     def sum(self, value):
         """The sum of `value` over the replicas of the group (one collective)."""

@@ -286,10 +286,13 @@ class BatchNormalization(keras.layers.Layer):
 
     def _normalize_with_batch_statistics(self, inputs, mask):
         weights = self._mask_weights(mask)
-        count, mean, variance = ops.moments(inputs, self._reduction_axes, weights)
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
-        if group is not None:
-            count, mean, variance = group.merge_moments(count, mean, variance)
+        if group is None:
+            count, mean, variance = ops.moments(inputs, self._reduction_axes, weights)
+        else:
+            count, mean, variance = group.merge_moments(
+                *ops.shifted_moments(inputs, self._reduction_axes, weights)
+            )
         gamma, beta = self._scale_and_offset(mean.dtype)
         if self.renorm:
             r, d = ops.renorm_correction(

@@ -52,12 +52,37 @@ def _to_channels(tensor, axes):
 
 
 def moments(x, axes, mask=None):
-    """Per-channel count, mean and variance, accumulated in float32.
+    """Per-channel count, mean and variance, accumulated in float32 (float64 for float64).
 
-    Two passes over the data (mean first, then the mean of squared deviations from it),
-    so the variance is accurate to float32 rounding for any ratio of mean to standard
-    deviation. An empty batch (no values, or every value masked) gives count 0, mean 0
-    and variance 0 rather than NaN, so that it merges as "no data".
+    See `shifted_moments` for the algorithm.
+
+    Args:
+        x: the input, any float dtype.
+        axes: the reduction axes (see `reduction_axes`).
+        mask: optional 0/1 weights broadcastable to `x`.
+
+    Returns:
+        `(count, mean, variance)`, tensors of the channel shape in the statistics dtype.
+    """
+    count, shift, offset, variance = shifted_moments(x, axes, mask)
+    return count, shift + offset, variance
+
+
+def shifted_moments(x, axes, mask=None):
+    """Per-channel count, mean (as shift + offset) and variance.
+
+    The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first pass finds
+    an approximate mean μ̃, a second sums the deviations d = x - μ̃ and their squares,
+
+        mean = μ̃ + Σd/m        var = (Σd² - (Σd)²/m) / m
+
+    so the rounding error of μ̃ cancels out and the variance is accurate to float32
+    rounding for any ratio of mean to standard deviation. The mean is returned as the
+    pair (shift = μ̃, offset = Σd/m), which carries it beyond float32 precision: what
+    `merge_moments` needs to stay exact when replicas' means are far from zero.
+
+    An empty batch (no values, or every value masked) gives count 0 and zeros rather
+    than NaN, so that it merges as "no data".
 
     Args:
         x: the input, any float dtype.
@@ -66,54 +91,66 @@ def moments(x, axes, mask=None):
             it does not (a Keras mask with channel dims of size 1).
 
     Returns:
-        `(count, mean, variance)`, float32 tensors of the channel shape.
+        `(count, shift, offset, variance)`, tensors of the channel shape in the
+        statistics dtype; the mean is shift + offset.
     """
     dtype = statistics_dtype(x.dtype)
     x = tf.cast(x, dtype)
     if mask is None:
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
         divisor = tf.maximum(count, 1.0)
-        mean = tf.reduce_sum(x, axes, keepdims=True) / divisor
-        deviations = tf.math.squared_difference(x, mean)
-        variance = tf.reduce_sum(deviations, axes, keepdims=True) / divisor
-        count = tf.fill(tf.shape(_to_channels(mean, axes)), count)
+        approximate_mean = tf.reduce_sum(x, axes, keepdims=True) / divisor
+        deviations = x - approximate_mean
+        sum_d = tf.reduce_sum(deviations, axes, keepdims=True)
+        sum_d2 = tf.reduce_sum(tf.square(deviations), axes, keepdims=True)
+        count = tf.fill(tf.shape(_to_channels(approximate_mean, axes)), count)
     else:
         weights = tf.cast(mask, dtype)
-        count = tf.reduce_sum(
-            tf.broadcast_to(weights, tf.shape(x)), axes, keepdims=True
-        )
+        count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), axes, keepdims=True)
         divisor = tf.maximum(count, 1.0)
-        mean = tf.reduce_sum(x * weights, axes, keepdims=True) / divisor
-        deviations = weights * tf.math.squared_difference(x, mean)
-        variance = tf.reduce_sum(deviations, axes, keepdims=True) / divisor
+        approximate_mean = tf.reduce_sum(x * weights, axes, keepdims=True) / divisor
+        deviations = weights * (x - approximate_mean)
+        sum_d = tf.reduce_sum(deviations, axes, keepdims=True)
+        sum_d2 = tf.reduce_sum(deviations * (x - approximate_mean), axes, keepdims=True)
         count = _to_channels(count, axes)
-    return count, _to_channels(mean, axes), _to_channels(variance, axes)
+    offset = sum_d / divisor
+    variance = tf.maximum(sum_d2 - sum_d * offset, 0.0) / divisor
+    return (count, _to_channels(approximate_mean, axes), _to_channels(offset, axes),
+            _to_channels(variance, axes))
 
 
-def merge_moments(counts, means, variances):
+def merge_moments(counts, shifts, offsets, variances):
     """Merges the moments of disjoint parts of a batch into those of the whole.
 
-    The parts run along axis 0. The merge is exact in exact arithmetic and stable in
-    floating point (Chan, Golub & LeVeque): no E[x²] - E[x]² anywhere.
+    The parts run along axis 0, each as `shifted_moments` returns them. The merge is
+    exact in exact arithmetic and stable in floating point (Chan, Golub & LeVeque):
+    with K the shift of the largest part and δᵢ = (shiftᵢ - K) + offsetᵢ,
 
-        n = Σ nᵢ     mean = Σ nᵢ·meanᵢ / n
-        var = (Σ nᵢ·varᵢ + Σ nᵢ·(meanᵢ - mean)²) / n
+        n = Σ nᵢ     δ = Σ nᵢ·δᵢ / n     mean = K + δ
+        var = (Σ nᵢ·varᵢ + Σ nᵢ·(δᵢ - δ)²) / n
 
+    The differences of means are taken before any large value is added back, so the
+    variance keeps float32 accuracy even when means are 10⁴ standard deviations from 0.
     Parts with nᵢ = 0 contribute nothing; if every part is empty the result is
-    count 0, mean 0, variance 0.
+    count 0, mean 0, variance 0. Every replica that merges the same parts gets the
+    same bits.
 
     Args:
-        counts, means, variances: float32 tensors of shape [parts, *channel_shape].
+        counts, shifts, offsets, variances: tensors of shape [parts, *channel_shape].
 
     Returns:
         `(count, mean, variance)` of shape channel_shape.
     """
+    largest = tf.one_hot(tf.argmax(counts, axis=0), tf.shape(counts)[0], axis=0,
+                         dtype=shifts.dtype)
+    reference_shift = tf.reduce_sum(largest * shifts, axis=0)
+    deltas = (shifts - reference_shift) + offsets
     count = tf.reduce_sum(counts, axis=0)
     divisor = tf.maximum(count, 1.0)
-    mean = tf.reduce_sum(counts * means, axis=0) / divisor
+    delta = tf.reduce_sum(counts * deltas, axis=0) / divisor
     within = tf.reduce_sum(counts * variances, axis=0)
-    between = tf.reduce_sum(counts * tf.math.squared_difference(means, mean), axis=0)
-    return count, mean, (within + between) / divisor
+    between = tf.reduce_sum(counts * tf.math.squared_difference(deltas, delta), axis=0)
+    return count, reference_shift + delta, (within + between) / divisor
 
 
 def inference_coefficients(mean, variance, gamma, beta, epsilon):

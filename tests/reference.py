@@ -1,0 +1,92 @@
+"""Float64 NumPy references of the papers' algorithms, the yardstick of the tests.
+
+Batch Normalization (Ioffe & Szegedy 2015), Algorithms 1 and 2, and Batch
+Renormalization (Ioffe 2017), Algorithm 1, written as plainly as possible.
+"""
+
+import numpy as np
+
+
+def channel_shape_and_axes(shape, channel_axes):
+    """(reduction axes, broadcast shape) for an input shape and its channel axes."""
+    rank = len(shape)
+    channel_axes = sorted(a % rank for a in np.atleast_1d(channel_axes))
+    reduce = tuple(a for a in range(rank) if a not in channel_axes)
+    broadcast = [shape[a] if a in channel_axes else 1 for a in range(rank)]
+    return reduce, broadcast
+
+
+def moments(x, channel_axes, mask=None):
+    """Count, mean and biased variance per channel, in float64."""
+    x = np.asarray(x, np.float64)
+    reduce, _ = channel_shape_and_axes(x.shape, channel_axes)
+    w = np.ones_like(x) if mask is None else np.broadcast_to(mask, x.shape).astype(np.float64)
+    count = w.sum(axis=reduce)
+    mean = (w * x).sum(axis=reduce) / count
+    mean_b = np.expand_dims(mean, reduce)
+    var = (w * (x - mean_b) ** 2).sum(axis=reduce) / count
+    return count, mean, var
+
+
+def train_forward(x, channel_axes, gamma, beta, epsilon, mask=None):
+    """Algorithm 1: y = γ·(x - mean_B)/sqrt(var_B + ε) + β. Returns (y, mean, var, count)."""
+    x = np.asarray(x, np.float64)
+    reduce, broadcast = channel_shape_and_axes(x.shape, channel_axes)
+    count, mean, var = moments(x, channel_axes, mask)
+    x_hat = (x - mean.reshape(broadcast)) / np.sqrt(var.reshape(broadcast) + epsilon)
+    y = np.asarray(gamma, np.float64).reshape(broadcast) * x_hat + np.asarray(
+        beta, np.float64).reshape(broadcast)
+    return y, mean, var, count
+
+
+def inference_forward(x, channel_axes, gamma, beta, moving_mean, moving_var, epsilon):
+    """Algorithm 2: y = γ·(x - moving_mean)/sqrt(moving_var + ε) + β."""
+    x = np.asarray(x, np.float64)
+    _, broadcast = channel_shape_and_axes(x.shape, channel_axes)
+    r = lambda v: np.asarray(v, np.float64).reshape(broadcast)  # noqa: E731
+    return r(gamma) * (x - r(moving_mean)) / np.sqrt(r(moving_var) + epsilon) + r(beta)
+
+
+def moving_average(average, value, momentum):
+    """Keras's convention: momentum is the weight of the old value."""
+    return momentum * np.asarray(average, np.float64) + (1 - momentum) * np.asarray(value)
+
+
+def renorm_step(x, channel_axes, gamma, beta, state, *, epsilon, momentum,
+                renorm_momentum, rmin=None, rmax=None, dmax=None):
+    """One training step of Batch Renormalization (Ioffe 2017, Algorithm 1), float64.
+
+    `state` holds renorm_mean, renorm_stddev, moving_mean, moving_stddev; returns
+    (y, r, d, new_state) where new_state also has moving_variance.
+    """
+    x = np.asarray(x, np.float64)
+    _, broadcast = channel_shape_and_axes(x.shape, channel_axes)
+    _, mean, var = moments(x, channel_axes)
+    sigma_b = np.sqrt(var + epsilon)
+    sigma = np.maximum(state["renorm_stddev"], np.sqrt(epsilon))
+    r = sigma_b / sigma
+    d = (mean - state["renorm_mean"]) / sigma
+    if rmin is not None:
+        r = np.maximum(r, rmin)
+    if rmax is not None:
+        r = np.minimum(r, rmax)
+    if dmax is not None:
+        d = np.clip(d, -dmax, dmax)
+    x_hat = (x - mean.reshape(broadcast)) / sigma_b.reshape(broadcast)
+    y = np.reshape(gamma, broadcast) * (x_hat * r.reshape(broadcast) + d.reshape(
+        broadcast)) + np.reshape(beta, broadcast)
+    new = {
+        "renorm_mean": moving_average(state["renorm_mean"], mean, renorm_momentum),
+        "renorm_stddev": moving_average(state["renorm_stddev"], sigma_b, renorm_momentum),
+        "moving_mean": moving_average(state["moving_mean"], mean, momentum),
+        "moving_stddev": moving_average(state["moving_stddev"], sigma_b, momentum),
+    }
+    new["moving_variance"] = np.maximum(new["moving_stddev"] ** 2 - epsilon, 0.0)
+    return y, r, d, new
+
+
+def relative_error(actual, expected):
+    """max |actual - expected| / max |expected|, in float64."""
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
