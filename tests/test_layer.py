@@ -1,0 +1,335 @@
+"""kerasbn.BatchNormalization: the Keras layer, against float64 references and Keras."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn
+import reference
+from layer_contract import run_layer_contract
+
+# (input shape without batch, axis): ranks 2-5, channels-last, channels-first, several axes.
+LAYOUTS = [
+    ((7,), -1),
+    ((9, 5), -1),
+    ((5, 9), 1),
+    ((6, 5, 4), -1),
+    ((4, 6, 5), 1),
+    ((6, 5, 4), [1, 3]),
+    ((5, 3, 4, 3), -1),
+]
+
+
+def _channel_axes(shape, axis):
+    rank = len(shape)
+    return sorted(a % rank for a in (axis if isinstance(axis, list) else [axis]))
+
+
+def _randomized_layer(rng, axis, full_shape, **config):
+    """A built layer whose four weights are random and non-trivial."""
+    layer = kerasbn.BatchNormalization(axis=axis, **config)
+    layer.build(full_shape)
+    channel_shape = [full_shape[a] for a in _channel_axes(full_shape, axis)]
+    layer.gamma.assign(rng.uniform(0.5, 2.0, channel_shape))
+    layer.beta.assign(rng.standard_normal(channel_shape))
+    layer.moving_mean.assign(rng.standard_normal(channel_shape))
+    layer.moving_variance.assign(rng.uniform(0.5, 2.0, channel_shape))
+    return layer
+
+
+def _batch(rng, shape, loc=1.0, scale=2.0):
+    return (loc + scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+# ------------------------------------------------------------------ the contract
+
+CONTRACT_CONFIGS = [
+    ({}, (6,)),
+    ({"axis": 1}, (3, 4, 4)),
+    ({"axis": [1, 3]}, (3, 4, 2)),
+    ({"center": False, "scale": False}, (4, 5)),
+    ({"momentum": 0.5, "epsilon": 1e-5, "bessel_correction": True}, (4, 4, 3)),
+    ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}}, (5,)),
+    ({"synchronized": True, "sync_group_size": 2}, (4, 3)),
+    ({"gamma_regularizer": "l2", "beta_constraint": "non_neg"}, (5,)),
+]
+
+
+@pytest.mark.parametrize("config,input_shape", CONTRACT_CONFIGS,
+                         ids=[str(c) for c, _ in CONTRACT_CONFIGS])
+def test_every_configuration_keeps_the_layer_contract(config, input_shape, rng, tmp_path):
+    run_layer_contract(config, input_shape, rng, tmp_path)
+
+
+# ------------------------------------------------------------------ forward
+
+
+@pytest.mark.parametrize("shape,axis", [((8,) + s, a) for s, a in LAYOUTS])
+def test_training_forward_is_algorithm_1(rng, shape, axis):
+    layer = _randomized_layer(rng, axis, shape)
+    x = _batch(rng, shape)
+    y = layer(x, training=True)
+    channel_axes = _channel_axes(shape, axis)
+    ref_y, *_ = reference.train_forward(x, channel_axes, layer.gamma.numpy(),
+                                        layer.beta.numpy(), layer.epsilon)
+    assert reference.relative_error(y, ref_y) < 1e-5
+
+
+@pytest.mark.parametrize("shape,axis", [((8,) + s, a) for s, a in LAYOUTS])
+def test_inference_forward_is_algorithm_2(rng, shape, axis):
+    layer = _randomized_layer(rng, axis, shape)
+    x = _batch(rng, shape)
+    ref_y = reference.inference_forward(
+        x, _channel_axes(shape, axis), *[w.numpy() for w in layer.weights], layer.epsilon)
+    assert reference.relative_error(layer(x, training=False), ref_y) < 1e-5
+    assert reference.relative_error(layer(x), ref_y) < 1e-5, "training=None is inference"
+
+
+def test_trainable_false_means_inference_mode(rng):
+    layer = _randomized_layer(rng, -1, (16, 4))
+    x = _batch(rng, (16, 4))
+    frozen = [w.numpy() for w in layer.weights]
+    layer.trainable = False
+    np.testing.assert_array_equal(layer(x, training=True), layer(x, training=False))
+    for before, after in zip(frozen, layer.weights):
+        np.testing.assert_array_equal(before, after.numpy())
+
+
+def test_training_none_follows_the_outer_call(rng):
+    """Inside a model, training=None takes the mode the model was called in."""
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, kerasbn.BatchNormalization()(inputs))
+    x = _batch(rng, (32, 4), loc=5.0)
+    train = model(x, training=True).numpy()
+    assert np.abs(train.mean(axis=0)).max() < 1e-4
+    assert np.abs(model(x).numpy().mean(axis=0) - 5.0).max() < 2.0
+
+
+# ------------------------------------------------------------------ against Keras
+
+
+@pytest.mark.parametrize("shape,axis", [((16, 5), -1), ((8, 4, 6, 3), -1), ((8, 3, 4, 6), 1)])
+@pytest.mark.parametrize("config", [{}, {"momentum": 0.6, "center": False},
+                                    {"renorm": True, "renorm_momentum": 0.7,
+                                     "renorm_clipping": {"rmax": 1.5, "rmin": 0.7, "dmax": 0.5}}],
+                         ids=["default", "no-center", "renorm"])
+def test_step_by_step_equal_to_keras(rng, shape, axis, config):
+    ours = kerasbn.BatchNormalization(axis=axis, **config)
+    stock = keras.layers.BatchNormalization(axis=axis, **config)
+    ours.build(shape)
+    stock.build(shape)
+    stock.set_weights([rng.uniform(0.5, 2.0, w.shape) if "gamma" in w.name
+                       else rng.standard_normal(w.shape) if w.name in ("beta", "moving_mean")
+                       else rng.uniform(0.5, 2.0, w.shape) for w in stock.weights])
+    ours.set_weights(stock.get_weights())
+    for _ in range(4):
+        x = _batch(rng, shape, loc=rng.uniform(-3, 3), scale=rng.uniform(0.5, 3))
+        with tf.GradientTape(persistent=True) as tape:
+            y_ours = ours(x, training=True)
+            y_stock = stock(x, training=True)
+            upstream = tf.constant(rng.standard_normal(shape), tf.float32)
+            loss_ours = tf.reduce_sum(y_ours * upstream)
+            loss_stock = tf.reduce_sum(y_stock * upstream)
+        assert reference.relative_error(y_ours, y_stock) < 1e-5
+        for g_ours, g_stock in zip(tape.gradient(loss_ours, ours.trainable_weights),
+                                   tape.gradient(loss_stock, stock.trainable_weights)):
+            assert reference.relative_error(g_ours, g_stock) < 1e-4
+        for w_ours, w_stock in zip(ours.weights, stock.weights):
+            assert w_ours.name == w_stock.name
+            assert reference.relative_error(w_ours.numpy(), w_stock.numpy()) < 1e-5
+    assert reference.relative_error(ours(x), stock(x)) < 1e-5
+
+
+# ------------------------------------------------------------------ renormalization
+
+
+@pytest.mark.parametrize("clipping", [{}, {"rmax": 1.2, "rmin": 0.9, "dmax": 0.2}])
+def test_renorm_steps_follow_the_paper(rng, clipping):
+    shape = (32, 4)
+    layer = kerasbn.BatchNormalization(renorm=True, renorm_clipping=clipping,
+                                       momentum=0.8, renorm_momentum=0.7, dtype="float64")
+    layer.build(shape)
+    gamma, beta = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    state = {k: getattr(layer, k).numpy() for k in
+             ("renorm_mean", "renorm_stddev", "moving_mean", "moving_stddev")}
+    for _ in range(3):
+        x = _batch(rng, shape, loc=rng.uniform(-2, 2), scale=rng.uniform(0.3, 3)).astype(
+            np.float64)
+        ref_y, r, d, state = reference.renorm_step(
+            x, [1], gamma, beta, state, epsilon=layer.epsilon, momentum=0.8,
+            renorm_momentum=0.7, **clipping)
+        xt = tf.constant(x)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y = layer(xt, training=True)
+        upstream = rng.standard_normal(shape)
+        dx = tape.gradient(y, xt, output_gradients=tf.constant(upstream))
+        assert reference.relative_error(y, ref_y) < 1e-12
+        # Backward with r and d held constant: plain BN with scale γ·r.
+        plain = kerasbn.BatchNormalization(dtype="float64", center=False)
+        plain.build(shape)
+        plain.gamma.assign(gamma * r)
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            y_plain = plain(xt, training=True)
+        dx_plain = tape.gradient(y_plain, xt, output_gradients=tf.constant(upstream))
+        assert reference.relative_error(dx, dx_plain) < 1e-12
+        for name, value in state.items():
+            assert reference.relative_error(getattr(layer, name).numpy(), value) < 1e-12, name
+    if clipping:
+        assert np.all(r <= 1.2) and np.all(r >= 0.9) and np.all(np.abs(d) <= 0.2)
+
+
+def test_renorm_with_identity_clipping_is_plain_batch_norm(rng):
+    shape = (16, 6)
+    renorm = kerasbn.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": 1.0, "rmin": 1.0, "dmax": 0.0})
+    plain = kerasbn.BatchNormalization()
+    for layer in (renorm, plain):
+        layer.build(shape)
+    for _ in range(3):
+        x = tf.constant(_batch(rng, shape, loc=rng.uniform(-3, 3)))
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            y_renorm, y_plain = renorm(x, training=True), plain(x, training=True)
+        np.testing.assert_array_equal(y_renorm, y_plain)
+        np.testing.assert_array_equal(tape.gradient(y_renorm, x), tape.gradient(y_plain, x))
+
+
+# ------------------------------------------------------------------ moving statistics
+
+
+def test_bessel_correction_keeps_the_unbiased_variance(rng):
+    layer = kerasbn.BatchNormalization(bessel_correction=True, momentum=0.0)
+    x = _batch(rng, (10, 3))
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               x.astype(np.float64).var(axis=0, ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_batch_never_reaches_the_moving_statistics(rng, bad):
+    layer = _randomized_layer(rng, -1, (8, 3))
+    layer(_batch(rng, (8, 3)), training=True)
+    kept = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
+    x = _batch(rng, (8, 3))
+    x[2, 1] = bad
+    layer(x, training=True)
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), kept[0])
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), kept[1])
+    layer(_batch(rng, (8, 3)), training=True)
+    assert not np.array_equal(layer.moving_mean.numpy(), kept[0]), "later batches count"
+
+
+def test_a_batch_of_fully_masked_steps_leaves_the_moving_statistics(rng):
+    layer = _randomized_layer(rng, -1, (4, 5, 3))
+    kept = layer.moving_mean.numpy()
+    y = layer(_batch(rng, (4, 5, 3)), training=True, mask=tf.zeros((4, 5), tf.bool))
+    assert np.all(np.isfinite(y.numpy()))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), kept)
+
+
+# ------------------------------------------------------------------ masks
+
+
+def test_masked_steps_are_left_out_of_the_statistics(rng):
+    tokens = rng.integers(1, 20, (6, 9))
+    tokens[:, 6:] = 0  # padding
+    model = keras.Sequential([keras.layers.Embedding(20, 4, mask_zero=True),
+                              kerasbn.BatchNormalization(momentum=0.0)])
+    model(tokens)
+    embedded = model.layers[0](tokens).numpy()
+    model(tokens, training=True)
+    valid = embedded[:, :6].reshape(-1, 4).astype(np.float64)
+    bn = model.layers[1]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), valid.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), valid.var(axis=0), rtol=1e-4)
+
+
+# ------------------------------------------------------------------ numerics
+
+
+def test_mean_far_from_zero_keeps_the_variance(rng):
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    x = (1e4 + rng.standard_normal((512, 8))).astype(np.float32)
+    layer(x, training=True)
+    ref_var = x.astype(np.float64).var(axis=0)
+    assert np.all(np.abs(layer.moving_variance.numpy() - ref_var) / ref_var <= 1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_inputs_keep_their_dtype(rng, dtype):
+    layer = kerasbn.BatchNormalization(dtype=keras.DTypePolicy(f"mixed_{dtype}"), momentum=0.0)
+    x = tf.cast(_batch(rng, (64, 4), loc=30.0), dtype)
+    y = layer(x, training=True)
+    assert y.dtype == dtype and layer.moving_mean.dtype == "float32"
+    exact = tf.cast(x, tf.float64).numpy()
+    assert reference.relative_error(layer.moving_mean.numpy(), exact.mean(axis=0)) < 1e-6
+    assert reference.relative_error(layer.moving_variance.numpy(), exact.var(axis=0)) < 1e-5
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    ({"momentum": 1.0}, "momentum"),
+    ({"momentum": -0.1}, "momentum"),
+    ({"momentum": "high"}, "momentum"),
+    ({"epsilon": 0.0}, "epsilon"),
+    ({"epsilon": -1e-3}, "epsilon"),
+    ({"axis": [1, 1]}, "axis"),
+    ({"axis": 1.5}, "axis"),
+    ({"axis": []}, "axis"),
+    ({"renorm_momentum": 1.5}, "renorm_momentum"),
+    ({"renorm": True, "renorm_clipping": {"rmax": 0.5, "rmin": 2.0}}, "renorm_clipping"),
+    ({"renorm": True, "renorm_clipping": {"dmax": -1.0}}, "renorm_clipping"),
+    ({"renorm": True, "renorm_clipping": {"r_max": 2.0}}, "renorm_clipping"),
+    ({"sync_group_size": 2}, "sync_group_size"),
+    ({"synchronized": True, "sync_group_size": 0}, "sync_group_size"),
+])
+def test_bad_arguments_name_the_argument_value_and_what_is_allowed(kwargs, argument):
+    with pytest.raises(ValueError) as error:
+        kerasbn.BatchNormalization(name="bn_under_test", **kwargs)
+    message = str(error.value)
+    assert "bn_under_test" in message and f"`{argument}`" in message
+    assert f"{argument}=" in message and "must be" in message
+
+
+@pytest.mark.parametrize("axis,shape", [(3, (None, 4, 5)), (-4, (None, 4, 5)),
+                                        ([1, -2], (None, 4, 5)), ([0, 1, 2], (None, 4, 5))])
+def test_axis_out_of_range_or_repeated_for_the_input(axis, shape):
+    with pytest.raises(ValueError, match=r"`axis`.*received axis="):
+        kerasbn.BatchNormalization(axis=axis, name="bn").build(shape)
+
+
+def test_unknown_channel_dimension_is_refused():
+    with pytest.raises(ValueError, match=r"channel dimension .* must be known"):
+        kerasbn.BatchNormalization(name="bn").build((None, 4, None))
+
+
+def test_input_of_another_rank_is_refused(rng):
+    layer = kerasbn.BatchNormalization(name="bn")
+    layer(_batch(rng, (4, 3, 5)))
+    with pytest.raises(ValueError, match=r"'bn'.*`inputs` must have rank 3.*rank 2"):
+        layer(_batch(rng, (4, 5)))
+
+
+@pytest.mark.parametrize("dtype", ["int32", "int64", "bool"])
+def test_non_float_inputs_are_refused(dtype):
+    with pytest.raises(TypeError, match=rf"'bn'.*floating-point.*dtype={dtype}"):
+        kerasbn.BatchNormalization(name="bn")(tf.ones((4, 3), dtype))
+
+
+def test_string_inputs_are_refused():
+    with pytest.raises(TypeError, match=r"floating-point.*dtype=string"):
+        kerasbn.BatchNormalization(name="bn")(tf.constant([["a", "b"]]))
+
+
+def test_mask_of_the_wrong_rank_is_refused(rng):
+    with pytest.raises(ValueError, match=r"`mask` must have rank 2"):
+        kerasbn.BatchNormalization(name="bn")(
+            _batch(rng, (4, 5, 3)), training=True, mask=tf.ones((4, 5, 3), tf.bool))
