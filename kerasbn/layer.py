@@ -51,6 +51,10 @@ class BatchNormalization(keras.layers.Layer):
             m/(m-1)·var_B (PyTorch's convention, the paper's Algorithm 2).
         sync_group_size: with `synchronized=True`, share statistics within groups of
             this many consecutive replicas instead of across all of them.
+        jit_compile: compile the layer's math (moments, normalization, each part of
+            the backward pass) with XLA. These programs touch no variable and no
+            collective, so they compile under every strategy, on CPUs too, where
+            TensorFlow refuses to compile a whole multi-replica step.
         **kwargs: base layer arguments (name, dtype, trainable, ...).
 
     Raises:
@@ -87,6 +91,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm_momentum=0.99,
         bessel_correction=False,
         sync_group_size=None,
+        jit_compile=True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -114,6 +119,7 @@ class BatchNormalization(keras.layers.Layer):
         )
         self.bessel_correction = bool(bessel_correction)
         self.sync_group_size = self._validated_sync_group_size(sync_group_size)
+        self.jit_compile = bool(jit_compile)
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -208,8 +214,7 @@ class BatchNormalization(keras.layers.Layer):
                 f"received input shape {tuple(input_shape)}."
             )
         self._channel_shape = channel_shape
-        self._reduction_axes = ops.reduction_axes(rank, self._channel_axes)
-        self._broadcast_shape = ops.broadcast_shape(rank, self._channel_axes, channel_shape)
+        self._layout = ops.Layout(input_shape, self._channel_axes)
         if self.scale:
             self.gamma = self.add_weight(
                 shape=channel_shape, name="gamma", initializer=self.gamma_initializer,
@@ -269,50 +274,61 @@ class BatchNormalization(keras.layers.Layer):
                 f"{tuple(inputs.shape)} (rank {inputs.shape.rank})."
             )
 
+    def _in_view(self, variable, dtype):
+        """A per-channel variable as a tensor of `dtype`, shaped for the layout's view."""
+        return self._layout.to_view_channels(tf.cast(variable, dtype))
+
     def _scale_and_offset(self, dtype):
-        gamma = (tf.cast(self.gamma, dtype) if self.scale
-                 else tf.ones(self._channel_shape, dtype))
-        beta = (tf.cast(self.beta, dtype) if self.center
-                else tf.zeros(self._channel_shape, dtype))
+        shape = self._layout.view_channel_shape
+        gamma = self._in_view(self.gamma, dtype) if self.scale else tf.ones(shape, dtype)
+        beta = self._in_view(self.beta, dtype) if self.center else tf.zeros(shape, dtype)
         return gamma, beta
 
     def _normalize_with_moving_statistics(self, inputs):
         dtype = ops.statistics_dtype(inputs.dtype)
+        gamma, beta = self._scale_and_offset(dtype)
         a, b = ops.inference_coefficients(
-            tf.cast(self.moving_mean, dtype), tf.cast(self.moving_variance, dtype),
-            self.gamma, self.beta, self.epsilon,
+            self._in_view(self.moving_mean, dtype),
+            self._in_view(self.moving_variance, dtype), gamma, beta, self.epsilon,
         )
-        return ops.affine(inputs, a, b, self._broadcast_shape)
+        outputs = ops.affine(self._layout.view(inputs), a, b, self._layout.shape,
+                             compiled=self.jit_compile)
+        return tf.reshape(outputs, tf.shape(inputs))
 
     def _normalize_with_batch_statistics(self, inputs, mask):
+        layout = self._layout
+        x = layout.view(inputs)
         weights = self._mask_weights(mask)
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
         if group is None:
-            count, mean, variance = ops.moments(inputs, self._reduction_axes, weights)
+            count, mean, variance = ops.moments(
+                x, layout.axes, weights, compiled=self.jit_compile
+            )
         else:
             count, mean, variance = group.merge_moments(
-                *ops.shifted_moments(inputs, self._reduction_axes, weights)
+                *ops.shifted_moments(x, layout.axes, weights, compiled=self.jit_compile)
             )
         gamma, beta = self._scale_and_offset(mean.dtype)
         if self.renorm:
             r, d = ops.renorm_correction(
                 mean, variance,
-                tf.cast(self.renorm_mean, mean.dtype),
-                tf.cast(self.renorm_stddev, mean.dtype),
+                self._in_view(self.renorm_mean, mean.dtype),
+                self._in_view(self.renorm_stddev, mean.dtype),
                 epsilon=self.epsilon, **self.renorm_clipping,
             )
             gamma, beta = gamma * r, gamma * d + beta
         outputs = ops.normalize_for_training(
-            inputs, mean, variance, gamma, beta,
-            epsilon=self.epsilon, axes=self._reduction_axes,
-            shape=self._broadcast_shape, count=count, mask=weights,
+            x, mean, variance, gamma, beta,
+            epsilon=self.epsilon, axes=layout.axes, shape=layout.shape,
+            count=count, mask=weights,
             sum_across_replicas=None if group is None else group.sum,
+            compiled=self.jit_compile,
         )
-        self._update_moving_statistics(count, mean, variance)
-        return outputs
+        self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
+        return tf.reshape(outputs, tf.shape(inputs))
 
     def _mask_weights(self, mask):
-        """A Keras mask (one dim per non-channel axis) as 0/1 weights broadcastable to x."""
+        """A Keras mask (one dim per non-channel axis) as 0/1 weights for the view."""
         if mask is None:
             return None
         expected_rank = self._rank - len(self._channel_axes)
@@ -324,7 +340,7 @@ class BatchNormalization(keras.layers.Layer):
             )
         for axis in self._channel_axes:
             mask = tf.expand_dims(mask, axis)
-        return mask
+        return self._layout.view(mask)
 
     # ---------------------------------------------------------------- moving statistics
 
@@ -382,6 +398,7 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_momentum": self.renorm_momentum,
             "bessel_correction": self.bessel_correction,
             "sync_group_size": self.sync_group_size,
+            "jit_compile": self.jit_compile,
         })
         return config
 

@@ -17,6 +17,22 @@ float64 inputs (`statistics_dtype`).
 import tensorflow as tf
 
 
+def _compilable(fn):
+    """Gives `fn` a keyword `compiled`: when True, the call runs as one XLA program.
+
+    The compiled pieces touch no variable and no collective, which is what lets XLA
+    compile them inside any strategy's replica function, on CPUs as on GPUs. Shapes
+    are left dynamic in the trace; XLA specializes (and caches) per concrete shape.
+    """
+    xla = tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+
+    def call(*args, compiled=False, **kwargs):
+        return (xla if compiled else fn)(*args, **kwargs)
+
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
+
+
 def statistics_dtype(dtype):
     """The dtype statistics accumulate in for inputs of `dtype`: float32 or float64."""
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
@@ -46,12 +62,70 @@ def broadcast_shape(rank, channel_axes, channel_shape):
     return shape
 
 
+class Layout:
+    """How an input is viewed for the math: runs of adjacent axes of one kind merged.
+
+    Reshaping is free, and reductions run much faster over few long axes than over
+    many short ones: NHWC is viewed as [N·H·W, C], NCHW as [N, C, H·W], a dense
+    [B, C] input as it is. Statistics are computed in the view and handed back in the
+    channel shape.
+
+    Args:
+        input_shape: the full input shape (the channel dims must be known).
+        channel_axes: sorted non-negative channel axes.
+    """
+
+    def __init__(self, input_shape, channel_axes):
+        self.rank = len(input_shape)
+        self.channel_axes = list(channel_axes)
+        self.channel_shape = [input_shape[a] for a in self.channel_axes]
+        self.groups = []
+        for axis in range(self.rank):
+            is_channel = axis in self.channel_axes
+            if self.groups and self.groups[-1][0] == is_channel:
+                self.groups[-1][1].append(axis)
+            else:
+                self.groups.append((is_channel, [axis]))
+        view_channels = [i for i, (is_channel, _) in enumerate(self.groups) if is_channel]
+        self.view_channel_shape = [
+            _product(input_shape[a] for a in axes)
+            for is_channel, axes in self.groups if is_channel
+        ]
+        self.axes = tuple(reduction_axes(len(self.groups), view_channels))
+        self.shape = tuple(
+            broadcast_shape(len(self.groups), view_channels, self.view_channel_shape)
+        )
+
+    def view(self, x):
+        """x reshaped to one axis per group."""
+        dims = tf.shape(x)
+        return tf.reshape(x, [
+            tf.reduce_prod(tf.gather(dims, axes)) if len(axes) > 1 else dims[axes[0]]
+            for _, axes in self.groups
+        ])
+
+    def to_view_channels(self, value):
+        """A per-channel tensor of the channel shape, reshaped for the view."""
+        return tf.reshape(value, self.view_channel_shape)
+
+    def to_channels(self, value):
+        """A per-channel tensor of the view back in the channel shape."""
+        return tf.reshape(value, self.channel_shape)
+
+
+def _product(values):
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
+
 def _to_channels(tensor, axes):
     """Squeezes a keepdims reduction down to the channel shape."""
     return tf.squeeze(tensor, axis=axes) if axes else tensor
 
 
-def moments(x, axes, mask=None):
+def moments(x, axes, mask=None, compiled=False):
     """Per-channel count, mean and variance, accumulated in float32 (float64 for float64).
 
     See `shifted_moments` for the algorithm.
@@ -60,14 +134,16 @@ def moments(x, axes, mask=None):
         x: the input, any float dtype.
         axes: the reduction axes (see `reduction_axes`).
         mask: optional 0/1 weights broadcastable to `x`.
+        compiled: run as one XLA program.
 
     Returns:
         `(count, mean, variance)`, tensors of the channel shape in the statistics dtype.
     """
-    count, shift, offset, variance = shifted_moments(x, axes, mask)
+    count, shift, offset, variance = shifted_moments(x, axes, mask, compiled=compiled)
     return count, shift + offset, variance
 
 
+@_compilable
 def shifted_moments(x, axes, mask=None):
     """Per-channel count, mean (as shift + offset) and variance.
 
@@ -89,6 +165,7 @@ def shifted_moments(x, axes, mask=None):
         axes: the reduction axes (see `reduction_axes`).
         mask: optional weights broadcastable to `x`, 1 where a value counts and 0 where
             it does not (a Keras mask with channel dims of size 1).
+        compiled: run as one XLA program.
 
     Returns:
         `(count, shift, offset, variance)`, tensors of the channel shape in the
@@ -97,7 +174,7 @@ def shifted_moments(x, axes, mask=None):
     dtype = statistics_dtype(x.dtype)
     x = tf.cast(x, dtype)
     if mask is None:
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), list(axes))), dtype)
         divisor = tf.maximum(count, 1.0)
         approximate_mean = tf.reduce_sum(x, axes, keepdims=True) / divisor
         deviations = x - approximate_mean
@@ -175,6 +252,7 @@ def inference_coefficients(mean, variance, gamma, beta, epsilon):
     return a, b
 
 
+@_compilable
 def affine(x, a, b, shape):
     """y = a·x + b with per-channel a and b, computed in a's dtype, returned in x's.
 
@@ -182,6 +260,7 @@ def affine(x, a, b, shape):
         x: the input.
         a, b: per-channel tensors in the statistics dtype, of the channel shape.
         shape: the broadcast shape of a and b (see `broadcast_shape`).
+        compiled: run as one XLA program.
     """
     y = tf.cast(x, a.dtype) * tf.reshape(a, shape) + tf.reshape(b, shape)
     return tf.cast(y, x.dtype)
@@ -189,7 +268,7 @@ def affine(x, a, b, shape):
 
 def normalize_for_training(
     x, mean, variance, gamma, beta, *, epsilon, axes, shape, count,
-    mask=None, sum_across_replicas=None,
+    mask=None, sum_across_replicas=None, compiled=False,
 ):
     """y = γ·(x - mean)/sqrt(var + ε) + β with the batch's own statistics.
 
@@ -209,49 +288,65 @@ def normalize_for_training(
 
     Args:
         x: the input, any float dtype.
-        mean, variance: float32 batch statistics of the channel shape.
-        gamma, beta: float32 scale and offset of the channel shape.
+        mean, variance: batch statistics of the channel shape, statistics dtype.
+        gamma, beta: scale and offset of the channel shape, statistics dtype.
         epsilon: the variance floor ε.
         axes: the reduction axes.
         shape: the broadcast shape of per-channel tensors.
-        count: float32 number of values behind the statistics (m), channel shape.
+        count: number of values behind the statistics (m), channel shape.
         mask: optional 0/1 weights broadcastable to `x`.
-        sum_across_replicas: optional callable summing a float32 tensor of shape
-            [k, *channel_shape] over the replicas that share statistics.
+        sum_across_replicas: optional callable summing a tensor of shape
+            [2, *channel_shape] over the replicas that share statistics.
+        compiled: run the forward pass and each part of the backward pass as XLA
+            programs (the cross-replica sum stays outside them).
 
     Returns:
         y, in the dtype of x.
     """
     inv_std = tf.math.rsqrt(variance + epsilon)
     weights = None if mask is None else tf.cast(mask, mean.dtype)
+    axes = tuple(axes)
+    shape = tuple(shape)
 
     @tf.custom_gradient
     def _normalize(x, mean, inv_std, gamma, beta):
         a = gamma * inv_std
-        y = affine(x, a, beta - mean * a, shape)
+        y = affine(x, a, beta - mean * a, shape, compiled=compiled)
 
         def grad(dy):
-            x32 = tf.cast(x, mean.dtype)
-            dy32 = tf.cast(dy, mean.dtype)
-            x_hat = (x32 - tf.reshape(mean, shape)) * tf.reshape(inv_std, shape)
-            local = tf.stack([
-                tf.reduce_sum(dy32, axes),
-                tf.reduce_sum(dy32 * x_hat, axes),
-            ])
-            dbeta, dgamma = local[0], local[1]
-            total = local if sum_across_replicas is None else sum_across_replicas(local)
-            scale = tf.reshape(gamma * inv_std, shape)
-            sum_dy = tf.reshape(total[0] / tf.maximum(count, 1.0), shape)
-            sum_dy_xhat = tf.reshape(total[1] / tf.maximum(count, 1.0), shape)
-            correction = sum_dy + x_hat * sum_dy_xhat
-            if weights is not None:
-                correction = weights * correction
-            dx = scale * (dy32 - correction)
-            return tf.cast(dx, x.dtype), None, None, dgamma, dbeta
+            sums = _backward_sums(x, dy, mean, inv_std, axes, shape, compiled=compiled)
+            total = sums if sum_across_replicas is None else sum_across_replicas(sums)
+            dx = _backward_dx(x, dy, mean, inv_std, gamma, total / tf.maximum(count, 1.0),
+                              weights, shape, compiled=compiled)
+            return dx, None, None, sums[1], sums[0]
 
         return y, grad
 
     return _normalize(x, mean, inv_std, gamma, beta)
+
+
+def _normalized(x, mean, inv_std, shape):
+    """x̂ = (x - mean)·inv_std in the statistics dtype."""
+    return (tf.cast(x, mean.dtype) - tf.reshape(mean, shape)) * tf.reshape(inv_std, shape)
+
+
+@_compilable
+def _backward_sums(x, dy, mean, inv_std, axes, shape):
+    """[Σ dy, Σ dy·x̂] per channel, stacked: the only reductions of the backward pass."""
+    dy = tf.cast(dy, mean.dtype)
+    x_hat = _normalized(x, mean, inv_std, shape)
+    return tf.stack([tf.reduce_sum(dy, axes), tf.reduce_sum(dy * x_hat, axes)])
+
+
+@_compilable
+def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape):
+    """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m."""
+    x_hat = _normalized(x, mean, inv_std, shape)
+    correction = tf.reshape(mean_sums[0], shape) + x_hat * tf.reshape(mean_sums[1], shape)
+    if weights is not None:
+        correction = weights * correction
+    dx = tf.reshape(gamma * inv_std, shape) * (tf.cast(dy, mean.dtype) - correction)
+    return tf.cast(dx, x.dtype)
 
 
 def renorm_correction(mean, variance, renorm_mean, renorm_stddev, *, epsilon,

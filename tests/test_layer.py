@@ -46,8 +46,10 @@ def _batch(rng, shape, loc=1.0, scale=2.0):
 
 CONTRACT_CONFIGS = [
     ({}, (6,)),
+    ({"jit_compile": False}, (4, 4, 3)),
     ({"axis": 1}, (3, 4, 4)),
     ({"axis": [1, 3]}, (3, 4, 2)),
+    ({"axis": [2, 3]}, (3, 4, 2)),
     ({"center": False, "scale": False}, (4, 5)),
     ({"momentum": 0.5, "epsilon": 1e-5, "bessel_correction": True}, (4, 4, 3)),
     ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}}, (5,)),
