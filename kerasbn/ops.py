@@ -143,19 +143,34 @@ def moments(x, axes, mask=None, compiled=False):
     return count, shift + offset, variance
 
 
+_SHIFT_SAMPLE_SIZE = 256
+
+
+def _leading_sample(x, axes):
+    """The first values along the first reduction axis: about 256 values per channel."""
+    dims = tf.shape(x)
+    per_row = tf.reduce_prod(tf.gather(dims, axes[1:])) if len(axes) > 1 else 1
+    rows = tf.minimum(dims[axes[0]], tf.maximum(1, -(-_SHIFT_SAMPLE_SIZE // per_row)))
+    return tf.gather(x, tf.range(rows), axis=axes[0])
+
+
 @_compilable
 def shifted_moments(x, axes, mask=None):
-    """Per-channel count, mean (as shift + offset) and variance.
+    """Per-channel count, mean (as shift + offset) and variance, in one pass over x.
 
-    The corrected two-pass algorithm (Chan, Golub & LeVeque 1983): a first pass finds
-    an approximate mean μ̃, a second sums the deviations d = x - μ̃ and their squares,
+    The shift K is the mean of a small leading sample of the batch (about 256 values
+    per channel), so the deviations d = x - K are of the order of the standard
+    deviation; one pass then sums d and d²:
 
-        mean = μ̃ + Σd/m        var = (Σd² - (Σd)²/m) / m
+        mean = K + Σd/m        var = (Σd² - (Σd)²/m) / m
 
-    so the rounding error of μ̃ cancels out and the variance is accurate to float32
-    rounding for any ratio of mean to standard deviation. The mean is returned as the
-    pair (shift = μ̃, offset = Σd/m), which carries it beyond float32 precision: what
-    `merge_moments` needs to stay exact when replicas' means are far from zero.
+    Because K lies within a fraction of a standard deviation of the mean, the
+    subtraction loses nothing (its error is ε·((mean - K)/σ)², with ε float32's
+    rounding), and the variance is accurate to float32 rounding for any ratio of mean
+    to standard deviation -- where E[x²] - E[x]² (K = 0) loses everything at 10⁴.
+    The mean is returned as the pair (shift = K, offset = Σd/m), which carries it
+    beyond float32 precision: what `merge_moments` needs to stay exact when replicas'
+    means are far from zero.
 
     An empty batch (no values, or every value masked) gives count 0 and zeros rather
     than NaN, so that it merges as "no data".
@@ -172,27 +187,33 @@ def shifted_moments(x, axes, mask=None):
         statistics dtype; the mean is shift + offset.
     """
     dtype = statistics_dtype(x.dtype)
+    axes = list(axes)
     x = tf.cast(x, dtype)
+    sample = _leading_sample(x, axes)
     if mask is None:
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), list(axes))), dtype)
-        divisor = tf.maximum(count, 1.0)
-        approximate_mean = tf.reduce_sum(x, axes, keepdims=True) / divisor
-        deviations = x - approximate_mean
+        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+        sample_count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(sample), axes)), dtype)
+        shift = tf.reduce_sum(sample, axes, keepdims=True) / tf.maximum(sample_count, 1.0)
+        deviations = x - shift
         sum_d = tf.reduce_sum(deviations, axes, keepdims=True)
         sum_d2 = tf.reduce_sum(tf.square(deviations), axes, keepdims=True)
-        count = tf.fill(tf.shape(_to_channels(approximate_mean, axes)), count)
+        count = tf.fill(tf.shape(_to_channels(shift, axes)), count)
     else:
-        weights = tf.cast(mask, dtype)
-        count = tf.reduce_sum(tf.broadcast_to(weights, tf.shape(x)), axes, keepdims=True)
-        divisor = tf.maximum(count, 1.0)
-        approximate_mean = tf.reduce_sum(x * weights, axes, keepdims=True) / divisor
-        deviations = weights * (x - approximate_mean)
-        sum_d = tf.reduce_sum(deviations, axes, keepdims=True)
-        sum_d2 = tf.reduce_sum(deviations * (x - approximate_mean), axes, keepdims=True)
-        count = _to_channels(count, axes)
+        weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
+        sample_weights = _leading_sample(weights, axes)
+        shift = tf.math.divide_no_nan(
+            tf.reduce_sum(sample * sample_weights, axes, keepdims=True),
+            tf.reduce_sum(sample_weights, axes, keepdims=True),
+        )
+        deviations = x - shift
+        weighted = weights * deviations
+        sum_d = tf.reduce_sum(weighted, axes, keepdims=True)
+        sum_d2 = tf.reduce_sum(weighted * deviations, axes, keepdims=True)
+        count = _to_channels(tf.reduce_sum(weights, axes, keepdims=True), axes)
+    divisor = tf.maximum(tf.reshape(count, tf.shape(sum_d)), 1.0)
     offset = sum_d / divisor
     variance = tf.maximum(sum_d2 - sum_d * offset, 0.0) / divisor
-    return (count, _to_channels(approximate_mean, axes), _to_channels(offset, axes),
+    return (count, _to_channels(shift, axes), _to_channels(offset, axes),
             _to_channels(variance, axes))
 
 

@@ -305,3 +305,14 @@ def test_all_finite_detects_nan_and_inf():
     assert bool(ops.all_finite(tf.ones(3), tf.ones(2)))
     assert not bool(ops.all_finite(tf.ones(3), tf.constant([1.0, np.nan])))
     assert not bool(ops.all_finite(tf.constant([np.inf])))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
+def test_variance_survives_outliers_where_the_shift_is_sampled(rng, compiled):
+    """The shift comes from the first values; outliers there must not cost accuracy."""
+    x = (1e3 + rng.standard_normal((4096, 4))).astype(np.float32)
+    x[:3] += 500.0 * rng.standard_normal((3, 4)).astype(np.float32)
+    _, mean, var = ops.moments(tf.constant(x), (0,), compiled=compiled)
+    _, ref_mean, ref_var = reference.moments(x, [1])
+    assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
+    assert reference.relative_error(mean, ref_mean) < 1e-6
