@@ -1,0 +1,1 @@
+"""Command-line programs built on kerasbn: data, models, train, export, benchmark."""

@@ -1,0 +1,277 @@
+"""Datasets for the training programs: tensorflow-datasets in, tf.data pipelines out.
+
+Any tfds image-classification dataset (mnist, fashion_mnist, cifar10, ...) works
+where its data can be had: a prepared copy in `data_dir`, or a download when
+`allow_download=True` and the network allows it. The default, "digits", is
+scikit-learn's handwritten digits (`training.digits_dataset`), which tfds prepares
+offline on first use.
+
+```python
+train, test, info = data.load("digits")
+train = data.batched(train, 64, shuffle=True, seed=0)
+test = data.batched(test, 64, shuffle=False)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import socket
+import urllib.parse
+import urllib.request
+
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from training import digits_dataset
+
+DEFAULT_DATASET = "digits"
+
+# Public names of the project's own tfds builders; these prepare without a network.
+_OWN_BUILDERS = {"digits": digits_dataset.KerasbnDigits.name}
+_TEST_SPLITS = ("test", "validation")
+_SHUFFLE_BUFFER = 10_000
+_CONNECT_TIMEOUT_SECONDS = 5
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+_MAX_REASON_CHARS = 200
+
+
+class DatasetUnavailableError(ValueError):
+    """A dataset that does not exist, does not fit, or whose data cannot be had here.
+
+    The message is one line and names the offline default, "digits".
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model and a training loop need to know about a dataset.
+
+    Attributes:
+        name: The name the dataset was loaded by, e.g. "digits" or "mnist".
+        image_shape: `(height, width, channels)` of every image.
+        num_classes: Number of classes; labels run from 0 to `num_classes - 1`.
+        num_train: Number of training examples.
+        num_test: Number of test examples.
+    """
+
+    name: str
+    image_shape: tuple
+    num_classes: int
+    num_train: int
+    num_test: int
+
+
+def default_data_dir() -> str:
+    """The tfds data dir used when none is given.
+
+    Returns:
+        `$KERASBN_DATA_DIR` if set, else tensorflow-datasets' default
+        (`$TFDS_DATA_DIR`, or `~/tensorflow_datasets`).
+    """
+    return os.environ.get("KERASBN_DATA_DIR") or os.path.expanduser(
+        tfds.core.constants.DATA_DIR
+    )
+
+
+def load(
+    name: str = DEFAULT_DATASET,
+    data_dir: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> tuple[tf.data.Dataset, tf.data.Dataset, DatasetInfo]:
+    """Loads an image-classification dataset through tensorflow-datasets.
+
+    The project's own "digits" is prepared into `data_dir` on first use. Any
+    other dataset must already be prepared there, unless `allow_download` is
+    set, in which case tfds downloads and prepares it.
+
+    Args:
+        name: "digits" (the default, offline) or a tfds dataset name such as
+            "mnist", "fashion_mnist" or "cifar10", optionally with a config
+            and version ("name/config:1.2.3").
+        data_dir: The tfds data dir. Defaults to `default_data_dir()`.
+        allow_download: Whether to download and prepare a dataset that has no
+            prepared copy in `data_dir`.
+
+    Returns:
+        A tuple `(train, test, info)`: two unbatched `tf.data.Dataset`s of
+        `(image, label)` pairs, image float32 `(height, width, channels)` in
+        [0, 1] and label int32, in a fixed order; and a `DatasetInfo`. The
+        test set is the "test" split, or "validation" where there is none.
+
+    Raises:
+        DatasetUnavailableError: If tfds has no dataset called `name`, if it
+            is not an image-classification dataset of fixed-size images with
+            train and test splits, or if its data is neither in `data_dir`
+            nor (with `allow_download`) obtainable.
+    """
+    data_dir = os.fspath(data_dir or default_data_dir())
+    builder = _builder(name, data_dir)
+    if not _is_image_classification(builder.info):
+        raise _error(
+            name,
+            "is not an image-classification dataset (one needs supervised keys "
+            "naming an Image feature of fixed shape and a ClassLabel)",
+            "another tfds image-classification dataset",
+        )
+    if not _is_prepared(builder):
+        if not (allow_download or builder.name in _OWN_BUILDERS.values()):
+            raise _unavailable(name, f"no prepared copy in {data_dir}, and downloads are off")
+        _prepare(name, builder, data_dir)
+
+    splits = builder.info.splits
+    test_split = next((split for split in _TEST_SPLITS if split in splits), None)
+    if "train" not in splits or test_split is None:
+        raise _error(
+            name,
+            f"has splits {sorted(splits)}, not 'train' and 'test'",
+            "another tfds image-classification dataset",
+        )
+    image_key, label_key = builder.info.supervised_keys
+    image, label = builder.info.features[image_key], builder.info.features[label_key]
+    info = DatasetInfo(
+        name=name,
+        image_shape=tuple(image.shape),
+        num_classes=label.num_classes,
+        num_train=splits["train"].num_examples,
+        num_test=splits[test_split].num_examples,
+    )
+    return _read(builder, "train"), _read(builder, test_split), info
+
+
+def batched(
+    dataset: tf.data.Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int | None = None,
+    drop_remainder: bool = False,
+) -> tf.data.Dataset:
+    """Shuffles (when asked), batches and prefetches a dataset.
+
+    Args:
+        dataset: An unbatched `tf.data.Dataset`, e.g. from `load()`.
+        batch_size: Number of examples per batch, a positive integer.
+        shuffle: Whether to shuffle, anew each epoch, through a buffer of
+            10,000 examples (all of "digits").
+        seed: The shuffle seed; the same seed gives the same orders in every
+            run. None leaves them to TensorFlow's global seed
+            (`tf.random.set_seed`), random when that is unset.
+        drop_remainder: Whether to drop a last batch smaller than
+            `batch_size`. By default it is kept.
+
+    Returns:
+        The batched, prefetched `tf.data.Dataset`.
+
+    Raises:
+        ValueError: If `batch_size` is not a positive integer.
+    """
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if shuffle:
+        dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _builder(name, data_dir):
+    tfds_name = _OWN_BUILDERS.get(name, name)
+    base_name = tfds_name.split(":")[0].split("/")[0]
+    if base_name not in tfds.list_builders(with_community_datasets=False):
+        raise _error(
+            name,
+            "is not a tensorflow-datasets name",
+            "a name from tfds.list_builders()",
+        )
+    try:
+        return tfds.builder(tfds_name, data_dir=data_dir)
+    except ValueError as error:  # e.g. a config or version the dataset lacks
+        raise _unavailable(name, _one_line(error)) from error
+
+
+def _is_image_classification(info):
+    keys = info.supervised_keys
+    if not (
+        isinstance(info.features, tfds.features.FeaturesDict)
+        and isinstance(keys, tuple)
+        and len(keys) == 2
+        and all(isinstance(key, str) for key in keys)
+    ):
+        return False
+    image, label = (info.features[key] for key in keys)
+    return (
+        isinstance(image, tfds.features.Image)
+        and None not in image.shape
+        and isinstance(label, tfds.features.ClassLabel)
+    )
+
+
+def _is_prepared(builder):
+    # builder.is_prepared() logs a warning when the directory does not exist.
+    return (builder.data_path / "dataset_info.json").exists() and builder.is_prepared()
+
+
+def _prepare(name, builder, data_dir):
+    # Without a network tfds retries each download for minutes; fail at once.
+    host = _unreachable_host(builder)
+    if host:
+        raise _unavailable(name, f"no prepared copy in {data_dir}, and {host} cannot be reached")
+    try:
+        builder.download_and_prepare()
+    except Exception as error:
+        raise _unavailable(
+            name, f"no prepared copy in {data_dir}, and preparing one failed: {_one_line(error)}"
+        ) from error
+
+
+def _unreachable_host(builder):
+    """The first host `builder` downloads from that does not answer, or None."""
+    if urllib.request.getproxies():
+        return None  # Downloads go through the proxy; let tfds try.
+    addresses = set()
+    for url in builder.url_infos or {}:
+        parts = urllib.parse.urlsplit(url)
+        addresses.add((parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme, 443)))
+    for host, port in sorted(addresses):
+        try:
+            socket.create_connection((host, port), _CONNECT_TIMEOUT_SECONDS).close()
+        except OSError:
+            return host
+    return None
+
+
+def _read(builder, split):
+    def to_float(image, label):
+        return tf.image.convert_image_dtype(image, tf.float32), tf.cast(label, tf.int32)
+
+    dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    return dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _one_line(error):
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    line = lines[0].rstrip(" :")
+    if len(line) > _MAX_REASON_CHARS:
+        line = line[: _MAX_REASON_CHARS - 3] + "..."
+    return line
+
+
+def _unavailable(name, reason):
+    return _error(
+        name,
+        f"is not available here ({reason})",
+        "point --data-dir at a prepared copy",
+    )
+
+
+def _error(name, problem, alternative):
+    return DatasetUnavailableError(
+        f"dataset {name!r} {problem}: use --dataset {DEFAULT_DATASET}, the offline "
+        f"default, or {alternative}"
+    )
