@@ -240,13 +240,27 @@ class BatchNormalization(keras.layers.Layer):
             self.renorm_stddev = self._add_statistic("renorm_stddev", stddev_initializer)
 
     def _add_statistic(self, name, initializer):
-        # Under synchronization every replica computes the same update, so the first
-        # replica's value is the value; otherwise replicas average, as in Keras.
-        aggregation = "only_first_replica" if self.synchronized else "mean"
-        return self.add_weight(
-            shape=self._channel_shape, name=name, initializer=initializer,
-            trainable=False, autocast=False, aggregation=aggregation,
-        )
+        # Unsynchronized, replicas average their updates, as in Keras. Synchronized,
+        # every replica of a group computes the same update from the same statistics,
+        # so each replica keeps its own copy (ON_READ: an update touches only the local
+        # copy and costs no cross-replica traffic), and what is read, saved and restored
+        # outside the replicas is the first replica's copy -- or, with replica groups,
+        # the average of the groups' copies.
+        if not self.synchronized:
+            return self.add_weight(
+                shape=self._channel_shape, name=name, initializer=initializer,
+                trainable=False, autocast=False, aggregation="mean",
+            )
+        aggregation = "only_first_replica" if self.sync_group_size is None else "mean"
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=keras.initializers.get(initializer),
+                shape=self._channel_shape, dtype=self.variable_dtype,
+                trainable=False, autocast=False, name=name,
+                synchronization="on_read", aggregation=aggregation,
+            )
+        self._track_variable(variable)
+        return variable
 
     def compute_output_shape(self, input_shape):
         return input_shape
