@@ -125,6 +125,32 @@ def _copies(variable):
     return [np.asarray(v) for v in getattr(value, "values", [value])]
 
 
+def _assert_step_matches_reference(results, reference_step, layer, old_statistics,
+                                   momentum=0.5):
+    """Outputs, dx, summed dγ/dβ and the moving statistics equal the float64 reference."""
+    ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = reference_step
+    y = np.concatenate([r[0] for r in results])
+    dx = np.concatenate([r[1] for r in results])
+    assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
+    assert reference.relative_error(y, ref_y) < 1e-5
+    assert reference.relative_error(dx, ref_dx) < 1e-5
+    # dγ and dβ are local sums; the optimizer's all-reduce adds them up.
+    assert reference.relative_error(sum(r[2] for r in results), ref_dgamma) < 1e-5
+    assert reference.relative_error(sum(r[3] for r in results), ref_dbeta) < 1e-5
+    # Moving statistics move once, from the global statistics, identically everywhere.
+    old_mean, old_var = old_statistics
+    np.testing.assert_allclose(layer.moving_mean.numpy(),
+                               reference.moving_average(old_mean, mean, momentum),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               reference.moving_average(old_var, var, momentum), rtol=1e-5)
+    for variable in (layer.moving_mean, layer.moving_variance):
+        copies = _copies(variable)
+        assert len(copies) == NUM_REPLICAS
+        for copy in copies[1:]:
+            np.testing.assert_array_equal(copy, copies[0])
+
+
 # ------------------------------------------------------------------ the global batch
 
 # (per-example shape, axis): ranks 2-5, channels-last and channels-first.
@@ -156,28 +182,9 @@ def test_forward_backward_and_moving_statistics_are_those_of_the_global_batch(
 
     results = _replica_step(strategy, layer, _split(x, UNEVEN), _split(cot, UNEVEN))
 
-    ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = _reference_step(
-        x, None, channel_axes, gamma, beta, cot, layer.epsilon)
-    y = np.concatenate([r[0] for r in results])
-    dx = np.concatenate([r[1] for r in results])
-    for part in results:
-        assert np.all(np.isfinite(part[0])) and np.all(np.isfinite(part[1]))
-    assert reference.relative_error(y, ref_y) < 1e-5
-    assert reference.relative_error(dx, ref_dx) < 1e-5
-    # dγ and dβ are local sums; the optimizer's all-reduce adds them up.
-    assert reference.relative_error(sum(r[2] for r in results), ref_dgamma) < 1e-5
-    assert reference.relative_error(sum(r[3] for r in results), ref_dbeta) < 1e-5
-    # Moving statistics move once, from the global statistics, identically everywhere.
-    np.testing.assert_allclose(layer.moving_mean.numpy(),
-                               reference.moving_average(old_mean, mean, 0.5), rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(layer.moving_variance.numpy(),
-                               reference.moving_average(old_var, var, 0.5), rtol=1e-5)
-    for variable in (layer.moving_mean, layer.moving_variance):
-        copies = _copies(variable)
-        assert len(copies) == NUM_REPLICAS
-        for copy in copies[1:]:
-            np.testing.assert_array_equal(copy, copies[0])
+    reference_step = _reference_step(x, None, channel_axes, gamma, beta, cot,
+                                     layer.epsilon)
+    _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
 
 
 @pytest.mark.parametrize("shape,axis", [((6, 4), -1), ((4, 6), 1)],
@@ -221,17 +228,9 @@ def test_masked_statistics_and_gradients(mirrored_strategy, rng):
     old_mean, old_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
     results = _replica_step(strategy, layer, _split(x, UNEVEN), _split(cot, UNEVEN),
                             _split(mask, UNEVEN))
-    ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = _reference_step(
-        x, mask[..., None], [2], gamma, beta, cot, layer.epsilon)
-    assert reference.relative_error(np.concatenate([r[0] for r in results]), ref_y) < 1e-5
-    assert reference.relative_error(np.concatenate([r[1] for r in results]), ref_dx) < 1e-5
-    assert reference.relative_error(sum(r[2] for r in results), ref_dgamma) < 1e-5
-    assert reference.relative_error(sum(r[3] for r in results), ref_dbeta) < 1e-5
-    np.testing.assert_allclose(layer.moving_mean.numpy(),
-                               reference.moving_average(old_mean, mean, 0.5), rtol=1e-5,
-                               atol=1e-6)
-    np.testing.assert_allclose(layer.moving_variance.numpy(),
-                               reference.moving_average(old_var, var, 0.5), rtol=1e-5)
+    reference_step = _reference_step(x, mask[..., None], [2], gamma, beta, cot,
+                                     layer.epsilon)
+    _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
 
 
 @pytest.mark.parametrize("dtype,tolerance", [("float16", 2e-3), ("bfloat16", 2e-2)])
