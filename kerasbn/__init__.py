@@ -17,20 +17,8 @@ if _keras.backend.backend() != "tensorflow":
     )
 
 from kerasbn.layer import BatchNormalization  # noqa: E402
+from kerasbn.convert import convert_to_kerasbn  # noqa: E402
+from kerasbn import export  # noqa: E402  (also registers FrozenAffine for loading)
 
 __version__ = "0.1.0"
 __all__ = ["BatchNormalization", "convert_to_kerasbn", "export"]
-
-
-def __getattr__(name):
-    # convert and export import the layer; loading them lazily keeps `import kerasbn`
-    # light and free of import cycles.
-    if name == "convert_to_kerasbn":
-        from kerasbn.convert import convert_to_kerasbn
-
-        return convert_to_kerasbn
-    if name == "export":
-        import importlib
-
-        return importlib.import_module("kerasbn.export")
-    raise AttributeError(f"module 'kerasbn' has no attribute {name!r}")
