@@ -21,15 +21,21 @@ def _compilable(fn):
     """Gives `fn` a keyword `compiled`: when True, the call runs as one XLA program.
 
     The compiled pieces touch no variable and no collective, which is what lets XLA
-    compile them inside any strategy's replica function, on CPUs as on GPUs. Shapes
-    are left dynamic in the trace; XLA specializes (and caches) per concrete shape.
+    compile them inside any strategy's replica function, on CPUs as on GPUs. Each
+    input signature is traced apart (XLA compiles per concrete shape anyway), so the
+    trace keeps every static dim the caller knows. `fn` itself receives `compiled`,
+    to pick the form of a computation that suits XLA.
     """
-    xla = tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+    def compiled_fn(*args, **kwargs):
+        return fn(*args, compiled=True, **kwargs)
+
+    xla = tf.function(compiled_fn, jit_compile=True, autograph=False)
 
     def call(*args, compiled=False, **kwargs):
-        return (xla if compiled else fn)(*args, **kwargs)
+        return xla(*args, **kwargs) if compiled else fn(*args, compiled=False, **kwargs)
 
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    call.body = fn  # for compiled pieces made of others: one program, not nested ones
     return call
 
 
@@ -125,7 +131,8 @@ def _to_channels(tensor, axes):
     return tf.squeeze(tensor, axis=axes) if axes else tensor
 
 
-def moments(x, axes, mask=None, compiled=False):
+@_compilable
+def moments(x, axes, mask=None, *, compiled):
     """Per-channel count, mean and variance, accumulated in float32 (float64 for float64).
 
     See `shifted_moments` for the algorithm.
@@ -139,7 +146,7 @@ def moments(x, axes, mask=None, compiled=False):
     Returns:
         `(count, mean, variance)`, tensors of the channel shape in the statistics dtype.
     """
-    count, shift, offset, variance = shifted_moments(x, axes, mask, compiled=compiled)
+    count, shift, offset, variance = shifted_moments.body(x, axes, mask, compiled=compiled)
     return count, shift + offset, variance
 
 
@@ -151,11 +158,84 @@ def _leading_sample(x, axes):
     dims = tf.shape(x)
     per_row = tf.reduce_prod(tf.gather(dims, axes[1:])) if len(axes) > 1 else 1
     rows = tf.minimum(dims[axes[0]], tf.maximum(1, -(-_SHIFT_SAMPLE_SIZE // per_row)))
-    return tf.gather(x, tf.range(rows), axis=axes[0])
+    sizes = tf.where(tf.range(tf.size(dims)) == axes[0], rows, dims)
+    return tf.slice(x, tf.zeros_like(dims), sizes)
+
+
+# Under XLA on CPU a reduction runs as a library call that does not take in the
+# elementwise work feeding it: Σ(x - K)² first writes (x - K)² out in full, and a
+# fresh buffer the size of the input costs more than the sum itself (its memory is
+# faulted in anew on each call). Compiled code therefore sums blocks of 16K values
+# (64 KB in float32, well inside a core's cache) in a loop. Inputs under 1M values
+# are summed in one piece: their buffers are reused from call to call, and the loop
+# would cost more than it saves.
+_BLOCK_VALUES = 1 << 14
+_MIN_BLOCKED_VALUES = 1 << 20
+
+
+def _sums(terms, tensors, params, axes, compiled):
+    """Per-channel sums (keepdims) of each tensor `terms(*tensors, *params)` returns.
+
+    `tensors` have the input's shape, `params` broadcast against it. Compiled, large
+    inputs are summed in blocks along the first reduction axis, so that nothing the
+    size of the input is ever written; the blocks' partial sums then add up, which is
+    at least as accurate as one long sum. The gradient is that of the direct sums (a
+    gradient penalty differentiates through here).
+    """
+    def direct(*args):
+        return [tf.reduce_sum(t, axes, keepdims=True) for t in terms(*args)]
+
+    rank, size = tensors[0].shape.rank, tensors[0].shape.num_elements()
+    if not compiled or rank is None or (size is not None and size < _MIN_BLOCKED_VALUES):
+        return direct(*tensors, *params)
+    axis = axes[0]
+
+    def block_length(t):
+        # From t's shape alone, so that XLA sees a constant even inside the loop.
+        # Past the length (one piece) the loop runs no time and the tail is everything.
+        dims = tf.shape(t, out_type=tf.int64)
+        length, size = dims[axis], tf.reduce_prod(dims)
+        row = size // tf.maximum(length, 1)
+        return tf.where(size < _MIN_BLOCKED_VALUES, length + 1,
+                        tf.maximum(_BLOCK_VALUES // tf.maximum(row, 1), 1))
+
+    def rows(t, start, length):
+        dims = tf.shape(t, out_type=tf.int64)
+        begin = [start if a == axis else 0 for a in range(rank)]
+        sizes = [length if a == axis else dims[a] for a in range(rank)]
+        return tf.slice(t, tf.stack(begin), tf.stack(sizes))
+
+    @tf.custom_gradient
+    def blocked(*args):
+        inputs, rest = args[:len(tensors)], list(args[len(tensors):])
+
+        def block_sums(start, length):
+            return direct(*[rows(t, start, length) for t in inputs], *rest)
+
+        def body(i, *totals):
+            block = tf.minimum(block_length(inputs[0]), tf.shape(inputs[0], tf.int64)[axis])
+            return (i + 1, *(t + s for t, s in zip(totals, block_sums(i * block, block))))
+
+        length, block = tf.shape(inputs[0], tf.int64)[axis], block_length(inputs[0])
+        full_blocks = length // block
+        tail = full_blocks * block
+        _, *totals = tf.while_loop(lambda i, *_: i < full_blocks, body,
+                                   (tf.constant(0, tf.int64), *block_sums(tail, length - tail)))
+
+        def grad(*upstream):
+            upstream = [tf.zeros_like(t) if g is None else g for g, t in zip(upstream, totals)]
+            with tf.GradientTape() as tape:
+                tape.watch(args)
+                sums = direct(*args)
+            return tape.gradient(sums, args, output_gradients=upstream)
+
+        return totals, grad
+
+    return blocked(*tensors, *params)
 
 
 @_compilable
-def shifted_moments(x, axes, mask=None):
+def shifted_moments(x, axes, mask=None, *, compiled):
     """Per-channel count, mean (as shift + offset) and variance, in one pass over x.
 
     The shift K is the mean of a small leading sample of the batch (about 256 values
@@ -188,17 +268,23 @@ def shifted_moments(x, axes, mask=None):
     """
     dtype = statistics_dtype(x.dtype)
     axes = list(axes)
-    x = tf.cast(x, dtype)
-    sample = _leading_sample(x, axes)
+    sample = _leading_sample(tf.cast(x, dtype), axes)
     if mask is None:
         count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
         sample_count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(sample), axes)), dtype)
-        shift = tf.reduce_sum(sample, axes, keepdims=True) / tf.maximum(sample_count, 1.0)
-        deviations = x - shift
-        sum_d = tf.reduce_sum(deviations, axes, keepdims=True)
-        sum_d2 = tf.reduce_sum(tf.square(deviations), axes, keepdims=True)
+        # K only has to be near the mean; the moments do not depend on it, so neither
+        # do their gradients.
+        shift = tf.stop_gradient(
+            tf.reduce_sum(sample, axes, keepdims=True) / tf.maximum(sample_count, 1.0))
+
+        def deviation_terms(x, shift):
+            deviations = tf.cast(x, dtype) - shift
+            return deviations, tf.square(deviations)
+
+        sum_d, sum_d2 = _sums(deviation_terms, [x], [shift], axes, compiled)
         count = tf.fill(tf.shape(_to_channels(shift, axes)), count)
     else:
+        x = tf.cast(x, dtype)
         weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
         sample_weights = _leading_sample(weights, axes)
         shift = tf.math.divide_no_nan(
@@ -274,7 +360,7 @@ def inference_coefficients(mean, variance, gamma, beta, epsilon):
 
 
 @_compilable
-def affine(x, a, b, shape):
+def affine(x, a, b, shape, *, compiled):
     """y = a·x + b with per-channel a and b, computed in a's dtype, returned in x's.
 
     Args:
@@ -331,14 +417,17 @@ def normalize_for_training(
 
     @tf.custom_gradient
     def _normalize(x, mean, inv_std, gamma, beta):
-        a = gamma * inv_std
-        y = affine(x, a, beta - mean * a, shape, compiled=compiled)
+        y = _normalize_forward(x, mean, inv_std, gamma, beta, shape, compiled=compiled)
 
         def grad(dy):
-            sums = _backward_sums(x, dy, mean, inv_std, axes, shape, compiled=compiled)
-            total = sums if sum_across_replicas is None else sum_across_replicas(sums)
-            dx = _backward_dx(x, dy, mean, inv_std, gamma, total / tf.maximum(count, 1.0),
-                              weights, shape, compiled=compiled)
+            if sum_across_replicas is None:
+                sums, dx = _backward(x, dy, mean, inv_std, gamma, count, weights, axes,
+                                     shape, compiled=compiled)
+            else:
+                sums = _backward_sums(x, dy, mean, inv_std, axes, shape, compiled=compiled)
+                mean_sums = sum_across_replicas(sums) / tf.maximum(count, 1.0)
+                dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape,
+                                  compiled=compiled)
             return dx, None, None, sums[1], sums[0]
 
         return y, grad
@@ -352,15 +441,26 @@ def _normalized(x, mean, inv_std, shape):
 
 
 @_compilable
-def _backward_sums(x, dy, mean, inv_std, axes, shape):
-    """[Σ dy, Σ dy·x̂] per channel, stacked: the only reductions of the backward pass."""
-    dy = tf.cast(dy, mean.dtype)
-    x_hat = _normalized(x, mean, inv_std, shape)
-    return tf.stack([tf.reduce_sum(dy, axes), tf.reduce_sum(dy * x_hat, axes)])
+def _normalize_forward(x, mean, inv_std, gamma, beta, shape, *, compiled):
+    """y = (x - mean)·(γ·inv_std) + β, returned in x's dtype."""
+    scale = tf.reshape(gamma * inv_std, shape)
+    y = (tf.cast(x, mean.dtype) - tf.reshape(mean, shape)) * scale + tf.reshape(beta, shape)
+    return tf.cast(y, x.dtype)
 
 
 @_compilable
-def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape):
+def _backward_sums(x, dy, mean, inv_std, axes, shape, *, compiled):
+    """[Σ dy, Σ dy·x̂] per channel, stacked: the only reductions of the backward pass."""
+    def terms(x, dy, mean, inv_std):
+        dy = tf.cast(dy, mean.dtype)
+        return dy, dy * _normalized(x, mean, inv_std, shape)
+
+    sums = _sums(terms, [x, dy], [mean, inv_std], axes, compiled)
+    return tf.stack([_to_channels(total, axes) for total in sums])
+
+
+@_compilable
+def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape, *, compiled):
     """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m."""
     x_hat = _normalized(x, mean, inv_std, shape)
     correction = tf.reshape(mean_sums[0], shape) + x_hat * tf.reshape(mean_sums[1], shape)
@@ -368,6 +468,15 @@ def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape):
         correction = weights * correction
     dx = tf.reshape(gamma * inv_std, shape) * (tf.cast(dy, mean.dtype) - correction)
     return tf.cast(dx, x.dtype)
+
+
+@_compilable
+def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, shape, *, compiled):
+    """The sums and dx of one replica's backward pass, as one program when compiled."""
+    sums = _backward_sums.body(x, dy, mean, inv_std, axes, shape, compiled=compiled)
+    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, sums / tf.maximum(count, 1.0),
+                           weights, shape, compiled=compiled)
+    return sums, dx
 
 
 def renorm_correction(mean, variance, renorm_mean, renorm_stddev, *, epsilon,

@@ -26,6 +26,12 @@ def _setup(shape, channel_axes):
     return axes, channel_shape, ops.broadcast_shape(rank, channel_axes, channel_shape)
 
 
+# Large enough that compiled code sums it in blocks (ops._sums), with a short last block.
+BLOCKED_SHAPE = (131, 64, 128)
+assert np.prod(BLOCKED_SHAPE) >= ops._MIN_BLOCKED_VALUES
+assert BLOCKED_SHAPE[0] % (ops._BLOCK_VALUES // (64 * 128)) != 0
+
+
 def _random_input(rng, shape, loc=0.0, scale=1.0):
     channel_offsets = rng.standard_normal(shape[-1])  # channels that differ from each other
     return loc + scale * (rng.standard_normal(shape) + channel_offsets)
@@ -46,10 +52,12 @@ def test_moments_match_float64(rng, shape, channel_axes):
     assert reference.relative_error(var, ref_var) < 1e-6
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
+@pytest.mark.parametrize("compiled,shape", [(False, (256, 16, 8)), (True, (256, 16, 8)),
+                                            (True, BLOCKED_SHAPE)],
+                         ids=["eager-ops", "xla", "xla-blocked"])
 @pytest.mark.parametrize("ratio", [1e2, 1e4, 1e6])
-def test_variance_is_accurate_for_any_mean_to_std_ratio(rng, ratio, compiled):
-    x = (ratio + rng.standard_normal((256, 16, 8))).astype(np.float32)
+def test_variance_is_accurate_for_any_mean_to_std_ratio(rng, ratio, compiled, shape):
+    x = (ratio + rng.standard_normal(shape)).astype(np.float32)
     _, mean, var = ops.moments(tf.constant(x), (0, 1), compiled=compiled)
     _, ref_mean, ref_var = reference.moments(x, [2])
     assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
@@ -198,6 +206,14 @@ def _gradients(fn, x, gamma, beta, upstream):
 @pytest.mark.parametrize("shape,channel_axes", LAYOUTS)
 def test_hand_derived_gradient_equals_autodiff_in_float64(rng, shape, channel_axes,
                                                           compiled):
+    _check_gradient_against_autodiff(rng, shape, channel_axes, compiled)
+
+
+def test_hand_derived_gradient_summed_in_blocks_equals_autodiff(rng):
+    _check_gradient_against_autodiff(rng, BLOCKED_SHAPE, [2], compiled=True)
+
+
+def _check_gradient_against_autodiff(rng, shape, channel_axes, compiled):
     axes, channel_shape, _ = _setup(shape, channel_axes)
     x = tf.constant(_random_input(rng, shape, loc=1.0, scale=2.0))
     gamma = tf.constant(rng.uniform(0.5, 2.0, channel_shape))
@@ -243,12 +259,16 @@ def test_gradient_matches_finite_differences(rng, shape, channel_axes):
         assert reference.relative_error(got, want) <= 1e-6
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
-def test_gradient_of_gradient_equals_autodiff(rng, compiled):
+@pytest.mark.parametrize("compiled,shape", [(False, (6, 3, 4)), (True, (6, 3, 4)),
+                                            (True, BLOCKED_SHAPE)],
+                         ids=["eager-ops", "xla", "xla-blocked"])
+def test_gradient_of_gradient_equals_autodiff(rng, compiled, shape):
     """A gradient penalty: d/dθ ||dL/dx||² through the custom gradient is exact."""
-    x = tf.constant(_random_input(rng, (6, 3, 4)))
-    gamma, beta = tf.constant(rng.uniform(0.5, 2, 4)), tf.constant(rng.standard_normal(4))
-    weights = tf.constant(rng.standard_normal((6, 3, 4)))
+    channels = shape[-1]
+    x = tf.constant(_random_input(rng, shape))
+    gamma = tf.constant(rng.uniform(0.5, 2, channels))
+    beta = tf.constant(rng.standard_normal(channels))
+    weights = tf.constant(rng.standard_normal(shape))
 
     def penalty(fn):
         with tf.GradientTape() as outer:
