@@ -1,0 +1,451 @@
+"""Tests of training.train: the command line end to end, XLA, replicas, resumption.
+
+Runs that need a fresh TensorFlow (XLA auto-clustering must be switched on before it
+starts) run `python -m training.train` as subprocesses, launched when this module's first
+test starts so that they run while the in-process tests do; the in-process runs use the
+4 logical CPU devices conftest.py makes. Every run trains the MLP for 2 epochs of 2
+steps on "digits" (prepared into a temporary tfds data dir), from the same seed, with
+batch-norm momentum 0.5 so that the moving statistics end far from their initial
+values and a wrong or missing update shows.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kerasbn  # noqa: F401  (registers kerasbn.BatchNormalization for loading checkpoints)
+from training import data, digits_dataset, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBPROCESS_TIMEOUT_SECONDS = 420
+RUN_FLAGS = ["--model", "mlp", "--epochs", "2", "--steps-per-epoch", "2",
+             "--batch-size", "64", "--learning-rate", "0.1", "--bn-momentum", "0.5",
+             "--seed", "3"]
+BATCH_NORM_LAYERS = ("hidden1_bn", "hidden2_bn", "hidden3_bn")
+FINAL_LINE = re.compile(r"^final: test_accuracy=(\d\.\d{4}) examples_per_second=(\d+\.\d) "
+                        r"checkpoint=(\S+)$")
+# XLA ↔ no XLA, and 4 replicas ↔ 1 device, after 4 SGD steps.
+XLA_TOLERANCE = 1e-4
+REPLICA_TOLERANCE = 1e-5
+
+
+# ------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = os.fspath(tmp_path_factory.mktemp("tfds"))
+    digits_dataset.KerasbnDigits(data_dir=path).download_and_prepare()
+    return path
+
+
+@dataclasses.dataclass
+class Process:
+    """A `python -m training.train` subprocess; `finished()` waits for it."""
+
+    popen: subprocess.Popen
+    out: str
+    dump: str
+    stdout_path: str
+    stderr_path: str
+
+    def finished(self):
+        self.popen.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS)
+        with open(self.stdout_path) as f:
+            self.stdout = f.read()
+        with open(self.stderr_path) as f:
+            self.stderr = f.read()
+        return self
+
+
+def launch(tmp_path, name, flags, dump=False):
+    out = os.path.join(tmp_path, name)
+    os.makedirs(out)
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TF_XLA_FLAGS", "XLA_FLAGS", "PYTEST_CURRENT_TEST")}
+    env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    dump_dir = os.path.join(out, "xla_dump")
+    if dump:
+        env["XLA_FLAGS"] = f"--xla_dump_to={dump_dir}"
+    stdout_path, stderr_path = os.path.join(out, "stdout"), os.path.join(out, "stderr")
+    with open(stdout_path, "w") as stdout, open(stderr_path, "w") as stderr:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "training.train", *flags, "--out", os.path.join(out, "run")],
+            cwd=REPO, env=env, stdout=stdout, stderr=stderr)
+    return Process(popen, os.path.join(out, "run"), dump_dir, stdout_path, stderr_path)
+
+
+@pytest.fixture(scope="module")
+def processes(tmp_path_factory, data_dir):
+    """The subprocess runs, all started at once."""
+    tmp = os.fspath(tmp_path_factory.mktemp("processes"))
+    flags = RUN_FLAGS + ["--data-dir", data_dir]
+    started = {
+        "bad_dataset": launch(tmp, "bad_dataset",
+                              ["--dataset", "no_such_dataset", "--data-dir", data_dir]),
+        "one_device_xla": launch(tmp, "one_device_xla", flags + ["--xla"], dump=True),
+        "replicas_xla": launch(tmp, "replicas_xla",
+                               flags + ["--replicas", "4", "--sync-bn", "--xla"], dump=True),
+    }
+    yield started
+    for process in started.values():
+        if process.popen.poll() is None:
+            process.popen.kill()
+            process.popen.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_processes_first(processes):
+    """Starts the subprocesses before this module's first test."""
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory, data_dir):
+    """`train.main` in this process, returning its results; runs are cached by name."""
+    tmp = tmp_path_factory.mktemp("in_process")
+    cache = {}
+
+    def run(name, *flags):
+        if name not in cache:
+            cache[name] = train.main(RUN_FLAGS + ["--data-dir", data_dir, *flags,
+                                                  "--out", os.fspath(tmp / name)])
+        return cache[name]
+
+    return run
+
+
+def one_device_plain(in_process):
+    return in_process("one_device_plain", "--no-xla")
+
+
+def replicas_plain(in_process):
+    return in_process("replicas_plain", "--no-xla", "--replicas", "4", "--sync-bn")
+
+
+def weights_of(checkpoint):
+    """{variable path: value} of a saved model, moving statistics included."""
+    model = keras.models.load_model(checkpoint)
+    return {variable.path: keras.ops.convert_to_numpy(variable) for variable in model.weights}
+
+
+def assert_same_weights(a, b, atol):
+    assert list(a) == list(b)
+    for path in a:
+        np.testing.assert_allclose(a[path], b[path], rtol=0, atol=atol, err_msg=path)
+
+
+def assert_statistics_moved(weights):
+    """The moving statistics are far from their initial 0 and 1: equality means something."""
+    for layer in BATCH_NORM_LAYERS:
+        assert np.max(np.abs(weights[f"{layer}/moving_mean"])) > 0.05, layer
+        assert np.max(np.abs(weights[f"{layer}/moving_variance"] - 1.0)) > 0.05, layer
+
+
+def final_line(stdout):
+    lines = stdout.strip().splitlines()
+    match = FINAL_LINE.match(lines[-1])
+    assert match, f"last line is not the final line: {lines[-1]!r}"
+    return float(match.group(1)), float(match.group(2)), match.group(3)
+
+
+def hlo_modules(dump_dir, name_pattern):
+    """{module file name: HLO text before optimizations} of the dumped modules matching."""
+    modules = {}
+    for path in glob.glob(os.path.join(dump_dir, "module_*.before_optimizations.txt")):
+        if re.search(name_pattern, os.path.basename(path)):
+            with open(path) as f:
+                modules[os.path.basename(path)] = f.read()
+    return modules
+
+
+def op_names(hlo_texts):
+    """The TensorFlow op names XLA's metadata attributes the HLO instructions to."""
+    names = set()
+    for text in hlo_texts:
+        names.update(re.findall(r'op_name="([^"]*)"', text))
+    return names
+
+
+def summaries(log_dir):
+    """{tag: [(step, value as array)]} of every tf.summary event file under log_dir."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(
+                    (event.step, tf.make_ndarray(value.tensor)))
+    return found
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_help_explains_every_flag():
+    text = train.build_parser().format_help()
+    for flag in ("--dataset", "--data-dir", "--model", "--epochs", "--batch-size",
+                 "--learning-rate", "--bn", "--bn-momentum", "--replicas",
+                 "--multi-worker", "--sync-bn", "--no-sync-bn", "--xla", "--no-xla",
+                 "--mixed-precision", "--out", "--seed", "--steps-per-epoch",
+                 "--interrupt-after-epoch"):
+        assert flag in text, flag
+    assert "{resnet,mlp}" in text and "{kerasbn,keras,none}" in text
+    assert "{off,float16,bfloat16}" in text
+
+
+@pytest.mark.parametrize("flags", [["--model", "vgg"], ["--bn", "batchnorm"],
+                                   ["--epochs", "0"], ["--batch-size", "-1"],
+                                   ["--learning-rate", "0"], ["--bn-momentum", "1"],
+                                   ["--mixed-precision", "float8"]])
+def test_bad_flags_are_refused_by_the_parser(flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(flags)
+    assert exit_info.value.code == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_unknown_dataset_exits_2_with_one_line_naming_digits(processes):
+    process = processes["bad_dataset"].finished()
+    assert process.popen.returncode == 2, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1, process.stderr
+    assert "'no_such_dataset'" in lines[0] and "--dataset digits" in lines[0]
+    assert "offline default" in lines[0]
+    assert process.stdout == ""
+
+
+def test_xla_with_cpu_replicas_is_refused_once_tensorflow_runs(data_dir, tmp_path, capfd):
+    # TensorFlow runs in this process, without auto-clustering: it can no longer be had.
+    code = train.run(RUN_FLAGS + ["--replicas", "4", "--xla", "--data-dir", data_dir,
+                                  "--out", os.fspath(tmp_path)])
+    assert code == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fresh process" in err[0] and "TF_XLA_FLAGS" in err[0]
+
+
+# ------------------------------------------------------------------ data order
+
+
+def numbers_dataset(count):
+    return tf.data.Dataset.range(count).map(lambda i: (i, i % 7))
+
+
+def stream_batches(stream):
+    return [x.numpy().tolist() for x, _ in stream]
+
+
+def test_training_stream_keeps_the_last_partial_batch_and_reshuffles_each_epoch():
+    keras.utils.set_random_seed(0)
+    stream = train.training_stream(tf, numbers_dataset(10), 10, 4, seed=1, first_epoch=0,
+                                   epochs=2, steps_per_epoch=3)
+    batches = stream_batches(stream)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    first, second = batches[:3], batches[3:]
+    assert sorted(sum(first, [])) == list(range(10))
+    assert sorted(sum(second, [])) == list(range(10))
+    assert first != second
+    # Iterating again gives the same batches (Keras iterates once more under a strategy).
+    assert stream_batches(stream) == batches
+    # A run resumed at epoch 1 reads what the uninterrupted run read in epoch 1.
+    resumed = train.training_stream(tf, numbers_dataset(10), 10, 4, seed=1, first_epoch=1,
+                                    epochs=2, steps_per_epoch=3)
+    assert stream_batches(resumed) == second
+
+
+def test_training_stream_runs_over_passes_when_an_epoch_asks_for_more():
+    keras.utils.set_random_seed(0)
+    stream = train.training_stream(tf, numbers_dataset(10), 10, 4, seed=1, first_epoch=0,
+                                   epochs=1, steps_per_epoch=5)
+    batches = stream_batches(stream)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4]
+    assert sorted(sum(batches[:3], [])) == list(range(10))
+    assert batches[3:] != batches[:2]  # the second pass is shuffled anew
+    assert train.examples_per_epoch(10, 4, 5) == 18 == sum(len(b) for b in batches)
+    assert train.examples_per_epoch(10, 4, None) == 10
+    assert train.examples_per_epoch(1437, 64, 22) == 1408
+
+
+def test_examples_per_second_uses_the_median_epoch_after_the_first():
+    assert train.examples_per_second(100, [60.0, 40.0, 1.0, 2.0]) == pytest.approx(50.0)
+    assert train.examples_per_second(100, [60.0, 2.0]) == pytest.approx(50.0)
+    assert train.examples_per_second(100, [4.0]) == pytest.approx(25.0)
+
+
+# ------------------------------------------------------------------ replicas, resumption
+
+
+def test_four_synchronized_replicas_reach_the_weights_of_one_device(in_process):
+    one = weights_of(one_device_plain(in_process)["checkpoint"])
+    four = replicas_plain(in_process)
+    assert four["replicas"] == 4
+    replicated = weights_of(four["checkpoint"])
+    assert_statistics_moved(one)
+    assert_same_weights(one, replicated, REPLICA_TOLERANCE)
+
+
+def test_an_interrupted_run_resumes_from_its_backup(in_process, data_dir, tmp_path, capfd):
+    flags = RUN_FLAGS + ["--no-xla", "--replicas", "4", "--sync-bn", "--data-dir", data_dir,
+                         "--out", os.fspath(tmp_path)]
+    assert train.run(flags + ["--interrupt-after-epoch", "1"]) == train.EXIT_INTERRUPTED
+    assert "stopped after epoch 1" in capfd.readouterr().err
+    backup = tmp_path / train.BACKUP_DIR
+    assert json.loads((backup / "training_metadata.json").read_text())["epoch"] == 1
+    assert not (tmp_path / train.CHECKPOINT_NAME).exists()
+    # The backup holds the moving statistics of epoch 1, not the initial ones.
+    model = keras.models.load_model(replicas_plain(in_process)["checkpoint"])
+    model.load_weights(backup / "latest.weights.h5")
+    moving_mean = keras.ops.convert_to_numpy(model.get_layer("hidden1_bn").moving_mean)
+    assert np.max(np.abs(moving_mean)) > 0.05
+
+    resumed = train.main(flags)
+    assert (resumed["initial_epoch"], resumed["epochs_run"]) == (1, 1)
+    assert len(resumed["history"]["loss"]) == 1
+    assert "resuming from the backup" in capfd.readouterr().out
+    assert not backup.exists()  # BackupAndRestore removes it once training is done
+    # Weights, optimizer state and moving statistics all came back: the resumed run ends
+    # exactly where the uninterrupted one did.
+    assert_same_weights(weights_of(replicas_plain(in_process)["checkpoint"]),
+                        weights_of(resumed["checkpoint"]), 1e-6)
+
+
+# ------------------------------------------------------------------ end to end, XLA
+
+
+def test_command_line_run_trains_saves_and_logs(processes, data_dir):
+    process = processes["one_device_xla"].finished()
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    assert "Traceback" not in process.stderr
+    assert "Epoch 2/2" in process.stdout  # Keras's progress bar, per epoch
+    accuracy, speed, checkpoint = final_line(process.stdout)
+    assert speed > 0
+    assert checkpoint == os.path.join(process.out, train.CHECKPOINT_NAME)
+    assert f"checkpoint: {checkpoint}" in process.stdout
+
+    # The checkpoint reloads and its test accuracy is the one printed.
+    model = keras.models.load_model(checkpoint)
+    _, test, _ = data.load("digits", data_dir=data_dir)
+    images, labels = next(iter(data.batched(test, 1000, shuffle=False)))
+    predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
+    assert np.mean(predicted == labels.numpy()) == pytest.approx(accuracy, abs=5e-5)
+    assert accuracy > 0.2  # 4 steps: well above chance (0.1), far from trained
+
+    # TensorBoard: Keras's epoch metrics, and each batch norm's moving statistics per
+    # epoch, the last of them equal to the checkpoint's.
+    logs = os.path.join(process.out, train.LOGS_DIR)
+    keras_logs = summaries(os.path.join(logs, "train"))
+    assert [step for step, _ in keras_logs["epoch_loss"]] == [0, 1]
+    statistics = summaries(os.path.join(logs, train.BATCH_NORM_LOGS))
+    weights = weights_of(checkpoint)
+    for layer in BATCH_NORM_LAYERS:
+        for key in ("moving_mean", "moving_variance"):
+            assert [step for step, _ in statistics[f"{layer}/{key}"]] == [0, 1]
+            channel_means = statistics[f"{layer}/{key}_channel_mean"]
+            assert [step for step, _ in channel_means] == [0, 1]
+            assert float(channel_means[-1][1]) == pytest.approx(
+                float(np.mean(weights[f"{layer}/{key}"])), rel=1e-5, abs=1e-6)
+
+
+def test_xla_compiles_the_whole_step_on_one_device(processes):
+    process = processes["one_device_xla"].finished()
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    assert "xla: one device: the whole training step is compiled" in process.stdout
+    # One XLA module holds the forward pass, the backward pass and the SGD update.
+    steps = [text for text in hlo_modules(process.dump, r"one_step_on_data").values()
+             if "gradient_tape" in text]
+    assert steps, os.listdir(process.dump)[:20]
+    for text in steps:
+        names = op_names([text])
+        for needed in (r"(^|/)hidden1(_\d+)?/MatMul$", r"gradient_tape/.*/hidden1(_\d+)?/MatMul",
+                       r"/hidden1_bn(_\d+)?/", r"gradient_tape/.*/hidden1_bn",
+                       r"(^|/)sgd/", r"sparse_categorical_crossentropy"):
+            assert any(re.search(needed, name) for name in names), needed
+    assert not hlo_modules(process.dump, r"\.cluster_\d+__")  # no auto-clustering here
+
+
+def test_xla_compiles_clusters_on_every_replica_of_four(processes):
+    process = processes["replicas_xla"].finished()
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    assert "xla: 4 CPU replicas" in process.stdout and "auto-clustering" in process.stdout
+    clusters = hlo_modules(process.dump, r"\.cluster_\d+__")
+    assert len(clusters) >= 8, sorted(clusters)
+    names = op_names(clusters.values())
+    # The training step ran as XLA clusters on all 4 replicas (replica 0's ops carry no
+    # replica_<i> prefix): forward and backward matmuls, the kerasbn layers' math.
+    for replica in ("", "replica_1/", "replica_2/", "replica_3/"):
+        prefix = r"(^|/)" + re.escape(replica) + r"mlp_kerasbn(_\d+)?/"
+        grad = r"gradient_tape/" + re.escape(replica) + r"mlp_kerasbn(_\d+)?/"
+        for needed in (prefix + r"hidden1(_\d+)?/MatMul",
+                       grad + r"hidden2(_\d+)?/MatMul",
+                       prefix + r"hidden3_bn(_\d+)?/"):
+            assert any(re.search(needed, name) for name in names), needed
+    assert any(re.search(r"(^|/)sgd/", name) for name in names)
+    # The step as a whole was not compiled (TensorFlow cannot, on CPU replicas).
+    whole_steps = [text for text in hlo_modules(process.dump, r"one_step_on_data").values()
+                   if "gradient_tape" in text]
+    assert not whole_steps
+
+
+def test_xla_and_no_xla_reach_the_same_weights_on_one_device(processes, in_process):
+    process = processes["one_device_xla"].finished()
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    compiled = weights_of(final_line(process.stdout)[2])
+    plain = weights_of(one_device_plain(in_process)["checkpoint"])
+    assert_statistics_moved(plain)
+    assert_same_weights(compiled, plain, XLA_TOLERANCE)
+
+
+def test_xla_and_no_xla_reach_the_same_weights_on_four_replicas(processes, in_process):
+    process = processes["replicas_xla"].finished()
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    compiled = weights_of(final_line(process.stdout)[2])
+    plain = weights_of(replicas_plain(in_process)["checkpoint"])
+    assert_statistics_moved(plain)
+    assert_same_weights(compiled, plain, XLA_TOLERANCE)
+
+
+# ------------------------------------------------------------------ multi-worker
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(os.environ.get("KERASBN_TEST_MULTI_WORKER") != "1",
+                    reason="2 worker processes, ~40 s of CPU: set KERASBN_TEST_MULTI_WORKER=1")
+@pytest.mark.parametrize("xla", ["--no-xla", "--xla"])
+def test_two_workers_reach_the_weights_of_one_device(xla, data_dir, tmp_path, in_process):
+    cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
+    out = os.fspath(tmp_path / "run")
+    workers = []
+    for index in range(2):
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("TF_XLA_FLAGS", "XLA_FLAGS", "PYTEST_CURRENT_TEST")}
+        env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
+                   TF_CONFIG=json.dumps({"cluster": cluster,
+                                         "task": {"type": "worker", "index": index}}))
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "training.train", *RUN_FLAGS, "--multi-worker", xla,
+             "--data-dir", data_dir, "--out", out],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [worker.communicate(timeout=SUBPROCESS_TIMEOUT_SECONDS)[0] for worker in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+    assert "MultiWorkerMirroredStrategy, 2 workers" in outputs[0]
+    checkpoint = os.path.join(out, train.CHECKPOINT_NAME)
+    assert final_line(outputs[1])[2] == checkpoint  # the chief's checkpoint is the run's
+    assert not os.path.exists(os.path.join(out, "workers"))
+    assert_same_weights(weights_of(checkpoint),
+                        weights_of(one_device_plain(in_process)["checkpoint"]),
+                        XLA_TOLERANCE if xla == "--xla" else REPLICA_TOLERANCE)
