@@ -81,7 +81,6 @@ def main(argv=None):
     import keras
 
     import kerasbn  # noqa: F401  (registers kerasbn.BatchNormalization for loading)
-    from kerasbn import export
 
     try:
         model = keras.saving.load_model(args.checkpoint, compile=False)
@@ -89,19 +88,40 @@ def main(argv=None):
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return _fail(f"--checkpoint: cannot load {args.checkpoint!r}: {first_line}", 2)
 
-    rebuild = export.fold_batch_norms if args.fold else export.freeze_batch_norms
     try:
-        _, report = rebuild(model, return_report=True)
-        path = export.export_saved_model(
-            model, os.path.join(args.out_dir, args.name), version=args.version,
-            fold=args.fold, verify=args.verify)
+        path, report = export_checkpoint(model, os.path.join(args.out_dir, args.name),
+                                         version=args.version, fold=args.fold,
+                                         verify=args.verify)
     except FileExistsError as error:
         return _fail(f"--version: {error}", 2)
     except (ValueError, TypeError, RuntimeError) as error:
         return _fail(str(error), 1)
+    print(f"exported model {model.name!r} to {path}")
+    print_summary(path, report)
+    return 0
+
+
+def export_checkpoint(model, export_dir, *, version=None, fold=True, verify=True):
+    """Exports `model` with `kerasbn.export.export_saved_model`.
+
+    Returns:
+        `(path, report)`: the version directory written and the `FoldReport` of what
+        happened to each batch norm.
+    """
+    from kerasbn import export
+
+    rebuild = export.fold_batch_norms if fold else export.freeze_batch_norms
+    _, report = rebuild(model, return_report=True)
+    path = export.export_saved_model(model, export_dir, version=version, fold=fold,
+                                     verify=verify)
+    return path, report
+
+
+def print_summary(path, report):
+    """Prints the serving signature of the SavedModel at `path` and the fold report."""
+    from kerasbn import export
 
     signature = export.describe_signature(path)
-    print(f"exported model {model.name!r} to {path}")
     print("signature serving_default:")
     for kind in ("inputs", "outputs"):
         for name, (dtype, shape) in signature[kind].items():
@@ -110,8 +130,6 @@ def main(argv=None):
           f"{len(report.frozen)} frozen")
     for bn, reason in report.frozen:
         print(f"  frozen {bn}: {reason}")
-    return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
