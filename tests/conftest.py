@@ -34,3 +34,13 @@ def mirrored_strategy():
     """MirroredStrategy over the logical CPU devices: NUM_LOGICAL_CPUS replicas."""
     devices = [f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)]
     return tf.distribute.MirroredStrategy(devices)
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+    """A tfds data dir holding the prepared kerasbn_digits (the offline default dataset)."""
+    from training import digits_dataset
+
+    data_dir = os.fspath(tmp_path_factory.mktemp("tfds"))
+    digits_dataset.KerasbnDigits(data_dir=data_dir).download_and_prepare()
+    return data_dir

@@ -22,14 +22,6 @@ from training import data, digits_dataset
 NUM_TRAIN, NUM_TEST = 1437, 360
 
 
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-    """A tfds data dir holding the prepared kerasbn_digits."""
-    data_dir = tmp_path_factory.mktemp("tfds")
-    digits_dataset.KerasbnDigits(data_dir=os.fspath(data_dir)).download_and_prepare()
-    return os.fspath(data_dir)
-
-
 def read_split(data_dir, split):
     """A split of kerasbn_digits, read through tfds.load, as NumPy arrays in file order."""
     dataset = tfds.load("kerasbn_digits", split=split, data_dir=data_dir, batch_size=-1)
@@ -40,15 +32,15 @@ def labels_of(dataset):
     return np.concatenate([labels for _, labels in dataset.as_numpy_iterator()])
 
 
-def test_digits_builder_prepares_and_loads_through_tfds(digits_dir):
-    builder = tfds.builder("kerasbn_digits", data_dir=digits_dir)
+def test_digits_builder_prepares_and_loads_through_tfds(digits_data_dir):
+    builder = tfds.builder("kerasbn_digits", data_dir=digits_data_dir)
     assert builder.is_prepared()
     assert builder.info.splits["train"].num_examples == NUM_TRAIN
     assert builder.info.splits["test"].num_examples == NUM_TEST
     assert builder.info.features["label"].num_classes == 10
 
     sklearn_digits = load_digits()
-    train, test = read_split(digits_dir, "train"), read_split(digits_dir, "test")
+    train, test = read_split(digits_data_dir, "train"), read_split(digits_data_dir, "test")
     for split, size in ((train, NUM_TRAIN), (test, NUM_TEST)):
         assert split["image"].shape == (size, 8, 8, 1)
         assert split["image"].dtype == np.uint8
@@ -62,12 +54,11 @@ def test_digits_builder_prepares_and_loads_through_tfds(digits_dir):
     np.testing.assert_array_equal(np.sort(all_rows), np.arange(1797))
 
 
-def test_digits_split_and_order_are_the_same_in_every_build(digits_dir, tmp_path):
+def test_digits_split_and_order_are_the_same_in_every_build(digits_data_dir, tmp_path):
     digits_dataset.KerasbnDigits(data_dir=os.fspath(tmp_path)).download_and_prepare()
     for split in ("train", "test"):
-        np.testing.assert_array_equal(
-            read_split(digits_dir, split)["index"], read_split(os.fspath(tmp_path), split)["index"]
-        )
+        np.testing.assert_array_equal(read_split(digits_data_dir, split)["index"],
+                                      read_split(os.fspath(tmp_path), split)["index"])
 
 
 def test_two_builds_at_once_both_succeed(tmp_path):
@@ -86,8 +77,8 @@ def test_two_builds_at_once_both_succeed(tmp_path):
     assert os.listdir(tmp_path / "kerasbn_digits") == ["1.0.0"]
 
 
-def test_load_returns_float_images_and_int32_labels(digits_dir):
-    train, test, info = data.load("digits", data_dir=digits_dir)
+def test_load_returns_float_images_and_int32_labels(digits_data_dir):
+    train, test, info = data.load("digits", data_dir=digits_data_dir)
     assert info == data.DatasetInfo(
         name="digits",
         image_shape=(8, 8, 1),
@@ -106,20 +97,20 @@ def test_load_returns_float_images_and_int32_labels(digits_dir):
         assert set(labels.numpy()) == set(range(10))
     # Same order as the uint8 images tfds stores.
     images, _ = next(iter(test.batch(NUM_TEST)))
-    stored = read_split(digits_dir, "test")["image"]
+    stored = read_split(digits_data_dir, "test")["image"]
     np.testing.assert_allclose(images.numpy() * 255, stored, atol=1e-4)
 
 
-def test_load_defaults_to_digits_in_kerasbn_data_dir(digits_dir, monkeypatch):
-    monkeypatch.setenv("KERASBN_DATA_DIR", digits_dir)
-    assert data.default_data_dir() == digits_dir
+def test_load_defaults_to_digits_in_kerasbn_data_dir(digits_data_dir, monkeypatch):
+    monkeypatch.setenv("KERASBN_DATA_DIR", digits_data_dir)
+    assert data.default_data_dir() == digits_data_dir
     _, _, info = data.load()
     assert data.DEFAULT_DATASET == "digits"
     assert (info.name, info.num_train) == ("digits", NUM_TRAIN)
 
 
-def test_batched_keeps_the_last_partial_batch_unless_asked_to_drop_it(digits_dir):
-    train, _, _ = data.load(data_dir=digits_dir)
+def test_batched_keeps_the_last_partial_batch_unless_asked_to_drop_it(digits_data_dir):
+    train, _, _ = data.load(data_dir=digits_data_dir)
     assert NUM_TRAIN % 64 == 29
 
     kept = data.batched(train, 64, shuffle=False)
@@ -132,8 +123,8 @@ def test_batched_keeps_the_last_partial_batch_unless_asked_to_drop_it(digits_dir
     assert sizes == [64] * 22
 
 
-def test_shuffling_with_a_seed_is_reproducible(digits_dir):
-    train, _, _ = data.load(data_dir=digits_dir)
+def test_shuffling_with_a_seed_is_reproducible(digits_data_dir):
+    train, _, _ = data.load(data_dir=digits_data_dir)
     in_order = labels_of(data.batched(train, 64, shuffle=False))
     shuffled = data.batched(train, 64, shuffle=True, seed=7)
     first_epoch, second_epoch = labels_of(shuffled), labels_of(shuffled)

@@ -23,7 +23,7 @@ import pytest
 import tensorflow as tf
 
 import kerasbn  # noqa: F401  (registers kerasbn.BatchNormalization for loading checkpoints)
-from training import data, digits_dataset, train
+from training import data, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT_SECONDS = 420
@@ -39,13 +39,6 @@ REPLICA_TOLERANCE = 1e-5
 
 
 # ------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = os.fspath(tmp_path_factory.mktemp("tfds"))
-    digits_dataset.KerasbnDigits(data_dir=path).download_and_prepare()
-    return path
 
 
 @dataclasses.dataclass
@@ -85,13 +78,13 @@ def launch(tmp_path, name, flags, dump=False):
 
 
 @pytest.fixture(scope="module")
-def processes(tmp_path_factory, data_dir):
+def processes(tmp_path_factory, digits_data_dir):
     """The subprocess runs, all started at once."""
     tmp = os.fspath(tmp_path_factory.mktemp("processes"))
-    flags = RUN_FLAGS + ["--data-dir", data_dir]
+    flags = RUN_FLAGS + ["--data-dir", digits_data_dir]
     started = {
         "bad_dataset": launch(tmp, "bad_dataset",
-                              ["--dataset", "no_such_dataset", "--data-dir", data_dir]),
+                              ["--dataset", "no_such_dataset", "--data-dir", digits_data_dir]),
         "one_device_xla": launch(tmp, "one_device_xla", flags + ["--xla"], dump=True),
         "replicas_xla": launch(tmp, "replicas_xla",
                                flags + ["--replicas", "4", "--sync-bn", "--xla"], dump=True),
@@ -109,14 +102,14 @@ def _start_processes_first(processes):
 
 
 @pytest.fixture(scope="module")
-def in_process(tmp_path_factory, data_dir):
+def in_process(tmp_path_factory, digits_data_dir):
     """`train.main` in this process, returning its results; runs are cached by name."""
     tmp = tmp_path_factory.mktemp("in_process")
     cache = {}
 
     def run(name, *flags):
         if name not in cache:
-            cache[name] = train.main(RUN_FLAGS + ["--data-dir", data_dir, *flags,
+            cache[name] = train.main(RUN_FLAGS + ["--data-dir", digits_data_dir, *flags,
                                                   "--out", os.fspath(tmp / name)])
         return cache[name]
 
@@ -195,7 +188,7 @@ def test_help_explains_every_flag():
                  "--learning-rate", "--bn", "--bn-momentum", "--replicas",
                  "--multi-worker", "--sync-bn", "--no-sync-bn", "--xla", "--no-xla",
                  "--mixed-precision", "--out", "--seed", "--steps-per-epoch",
-                 "--interrupt-after-epoch"):
+                 "--interrupt-after-epoch", "--download", "--no-download"):
         assert flag in text, flag
     assert "{resnet,mlp}" in text and "{kerasbn,keras,none}" in text
     assert "{off,float16,bfloat16}" in text
@@ -222,9 +215,20 @@ def test_unknown_dataset_exits_2_with_one_line_naming_digits(processes):
     assert process.stdout == ""
 
 
-def test_xla_with_cpu_replicas_is_refused_once_tensorflow_runs(data_dir, tmp_path, capfd):
+def test_a_dataset_not_held_with_downloads_off_exits_2_naming_digits(tmp_path, capfd):
+    code = train.run(RUN_FLAGS + ["--dataset", "mnist", "--no-download", "--no-xla",
+                                  "--data-dir", os.fspath(tmp_path / "empty"),
+                                  "--out", os.fspath(tmp_path / "run")])
+    assert code == train.EXIT_DATASET_UNAVAILABLE
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'mnist'" in err[0] and "--dataset digits" in err[0], err
+    assert not os.path.exists(tmp_path / "run" / train.CHECKPOINT_NAME)
+
+
+def test_xla_with_cpu_replicas_is_refused_once_tensorflow_runs(digits_data_dir, tmp_path,
+                                                                capfd):
     # TensorFlow runs in this process, without auto-clustering: it can no longer be had.
-    code = train.run(RUN_FLAGS + ["--replicas", "4", "--xla", "--data-dir", data_dir,
+    code = train.run(RUN_FLAGS + ["--replicas", "4", "--xla", "--data-dir", digits_data_dir,
                                   "--out", os.fspath(tmp_path)])
     assert code == 2
     err = capfd.readouterr().err.strip().splitlines()
@@ -291,8 +295,10 @@ def test_four_synchronized_replicas_reach_the_weights_of_one_device(in_process):
     assert_same_weights(one, replicated, REPLICA_TOLERANCE)
 
 
-def test_an_interrupted_run_resumes_from_its_backup(in_process, data_dir, tmp_path, capfd):
-    flags = RUN_FLAGS + ["--no-xla", "--replicas", "4", "--sync-bn", "--data-dir", data_dir,
+def test_an_interrupted_run_resumes_from_its_backup(in_process, digits_data_dir, tmp_path,
+                                                    capfd):
+    flags = RUN_FLAGS + ["--no-xla", "--replicas", "4", "--sync-bn",
+                         "--data-dir", digits_data_dir,
                          "--out", os.fspath(tmp_path)]
     assert train.run(flags + ["--interrupt-after-epoch", "1"]) == train.EXIT_INTERRUPTED
     assert "stopped after epoch 1" in capfd.readouterr().err
@@ -319,7 +325,7 @@ def test_an_interrupted_run_resumes_from_its_backup(in_process, data_dir, tmp_pa
 # ------------------------------------------------------------------ end to end, XLA
 
 
-def test_command_line_run_trains_saves_and_logs(processes, data_dir):
+def test_command_line_run_trains_saves_and_logs(processes, digits_data_dir):
     process = processes["one_device_xla"].finished()
     assert process.popen.returncode == 0, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
@@ -331,7 +337,7 @@ def test_command_line_run_trains_saves_and_logs(processes, data_dir):
 
     # The checkpoint reloads and its test accuracy is the one printed.
     model = keras.models.load_model(checkpoint)
-    _, test, _ = data.load("digits", data_dir=data_dir)
+    _, test, _ = data.load("digits", data_dir=digits_data_dir)
     images, labels = next(iter(data.batched(test, 1000, shuffle=False)))
     predicted = np.argmax(model.predict(images, verbose=0), axis=-1)
     assert np.mean(predicted == labels.numpy()) == pytest.approx(accuracy, abs=5e-5)
@@ -393,20 +399,15 @@ def test_xla_compiles_clusters_on_every_replica_of_four(processes):
     assert not whole_steps
 
 
-def test_xla_and_no_xla_reach_the_same_weights_on_one_device(processes, in_process):
-    process = processes["one_device_xla"].finished()
+@pytest.mark.parametrize("compiled_run, plain_run", [
+    ("one_device_xla", one_device_plain), ("replicas_xla", replicas_plain)],
+    ids=["one-device", "four-replicas"])
+def test_xla_and_no_xla_reach_the_same_weights(processes, in_process, compiled_run,
+                                               plain_run):
+    process = processes[compiled_run].finished()
     assert process.popen.returncode == 0, process.stderr[-3000:]
     compiled = weights_of(final_line(process.stdout)[2])
-    plain = weights_of(one_device_plain(in_process)["checkpoint"])
-    assert_statistics_moved(plain)
-    assert_same_weights(compiled, plain, XLA_TOLERANCE)
-
-
-def test_xla_and_no_xla_reach_the_same_weights_on_four_replicas(processes, in_process):
-    process = processes["replicas_xla"].finished()
-    assert process.popen.returncode == 0, process.stderr[-3000:]
-    compiled = weights_of(final_line(process.stdout)[2])
-    plain = weights_of(replicas_plain(in_process)["checkpoint"])
+    plain = weights_of(plain_run(in_process)["checkpoint"])
     assert_statistics_moved(plain)
     assert_same_weights(compiled, plain, XLA_TOLERANCE)
 
@@ -422,10 +423,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(os.environ.get("KERASBN_TEST_MULTI_WORKER") != "1",
-                    reason="2 worker processes, ~40 s of CPU: set KERASBN_TEST_MULTI_WORKER=1")
 @pytest.mark.parametrize("xla", ["--no-xla", "--xla"])
-def test_two_workers_reach_the_weights_of_one_device(xla, data_dir, tmp_path, in_process):
+def test_two_workers_reach_the_weights_of_one_device(xla, digits_data_dir, tmp_path,
+                                                     in_process):
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     out = os.fspath(tmp_path / "run")
     workers = []
@@ -437,7 +437,7 @@ def test_two_workers_reach_the_weights_of_one_device(xla, data_dir, tmp_path, in
                                          "task": {"type": "worker", "index": index}}))
         workers.append(subprocess.Popen(
             [sys.executable, "-m", "training.train", *RUN_FLAGS, "--multi-worker", xla,
-             "--data-dir", data_dir, "--out", out],
+             "--data-dir", digits_data_dir, "--out", out],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [worker.communicate(timeout=SUBPROCESS_TIMEOUT_SECONDS)[0] for worker in workers]
     for worker, output in zip(workers, outputs):

@@ -110,10 +110,13 @@ def build_parser():
                       help="tensorflow-datasets name of an image-classification dataset "
                            "(digits, mnist, fashion_mnist, cifar10, ...). 'digits' "
                            "(scikit-learn's 8x8 digits) is prepared offline; any other "
-                           "must already be prepared in --data-dir")
+                           "is read from --data-dir, or downloaded there by tfds")
     data.add_argument("--data-dir", default=None, metavar="DIR",
                       help="tfds data dir (default: $KERASBN_DATA_DIR, else tfds's "
                            "default, ~/tensorflow_datasets)")
+    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                      help="let tensorflow-datasets download and prepare a dataset that "
+                           "--data-dir does not hold (digits never needs the network)")
     model = parser.add_argument_group("model")
     model.add_argument("--model", choices=MODELS, default="resnet",
                        help="resnet: a small residual network (3 stages of 16/32/64 "
@@ -174,34 +177,23 @@ def build_parser():
     return parser
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert, accepts, allowed):
+    """An argparse `type`: `convert(text)`, refused unless `accepts(value)`."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _momentum(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_momentum = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def parse_args(argv=None):
@@ -387,10 +379,21 @@ def _split_cpu(tf, replicas):
     return [device.name for device in available[:replicas]]
 
 
+# TensorFlow numbers the collectives of every MirroredStrategy from the same keys (group 1,
+# instance 100, ...). A second strategy over the same devices in one process (main()
+# called again, or after other code made one) would then reuse the keys of different
+# collectives, and TensorFlow aborts them ("Shape mismatch in the collective instance
+# 100"). Each strategy made here starts its group keys past those of the ones before, as
+# TensorFlow's own tests do.
+_COLLECTIVE_KEYS_PER_STRATEGY = 100_000
+
+
 def _make_strategy(tf, runtime):
     if runtime["strategy"] == "multi_worker":
         return tf.distribute.MultiWorkerMirroredStrategy()
     if runtime["strategy"] == "mirrored":
+        tf.distribute.MirroredStrategy._collective_key_base += (  # noqa: SLF001
+            _COLLECTIVE_KEYS_PER_STRATEGY)
         return tf.distribute.MirroredStrategy(runtime["devices"])
     return tf.distribute.get_strategy()
 
@@ -632,7 +635,8 @@ def main(argv=None):
     # First: MultiWorkerMirroredStrategy must configure collectives before anything
     # else starts TensorFlow's runtime.
     strategy = _make_strategy(tf, runtime)
-    train, test, info = data.load(args.dataset, data_dir=args.data_dir)
+    train, test, info = data.load(args.dataset, data_dir=args.data_dir,
+                                  allow_download=args.download)
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(MIXED_PRECISION[args.mixed_precision])
     replicas = strategy.num_replicas_in_sync
