@@ -446,8 +446,10 @@ def test_verification_in_a_fresh_process_catches_a_wrong_export(exported, tmp_pa
         return folded
 
     monkeypatch.setattr(export, "fold_batch_norms", wrong_fold)
+    # Which outputs move beyond the tolerance depends on the random weights; each is named.
     with pytest.raises(export.ExportVerificationError,
-                       match=r"'probabilities': max abs error [0-9.e-]+, max rel error"):
+                       match=r"'(features|probabilities)': max abs error [0-9.e-]+, "
+                             r"max rel error"):
         export.export_saved_model(model, base)
     assert os.listdir(base) == []
 
