@@ -210,7 +210,8 @@ def test_bessel_correction_keeps_the_unbiased_variance(rng):
     layer(x, training=True)
     np.testing.assert_allclose(layer.moving_variance.numpy(),
                                x.astype(np.float64).var(axis=0, ddof=1), rtol=1e-5)
-    np.testing.assert_allclose(layer.moving_mean.numpy(), x.mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), x.astype(np.float64).mean(axis=0),
+                               rtol=0, atol=1e-5 * x.std(axis=0).min())
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
@@ -248,7 +249,9 @@ def test_masked_steps_are_left_out_of_the_statistics(rng):
     model(tokens, training=True)
     valid = embedded[:, :6].reshape(-1, 4).astype(np.float64)
     bn = model.layers[1]
-    np.testing.assert_allclose(bn.moving_mean.numpy(), valid.mean(axis=0), rtol=1e-5)
+    # A channel's mean can be near 0: its error is measured against the channel's spread.
+    np.testing.assert_allclose(bn.moving_mean.numpy(), valid.mean(axis=0), rtol=0,
+                               atol=1e-5 * valid.std(axis=0).min())
     np.testing.assert_allclose(bn.moving_variance.numpy(), valid.var(axis=0), rtol=1e-4)
 
 
