@@ -428,20 +428,32 @@ def test_two_workers_reach_the_weights_of_one_device(xla, digits_data_dir, tmp_p
                                                      in_process):
     cluster = {"worker": [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]}
     out = os.fspath(tmp_path / "run")
-    workers = []
-    for index in range(2):
-        env = {key: value for key, value in os.environ.items()
-               if key not in ("TF_XLA_FLAGS", "XLA_FLAGS", "PYTEST_CURRENT_TEST")}
-        env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_CONFIG=json.dumps({"cluster": cluster,
-                                         "task": {"type": "worker", "index": index}}))
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "training.train", *RUN_FLAGS, "--multi-worker", xla,
-             "--data-dir", digits_data_dir, "--out", out],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [worker.communicate(timeout=SUBPROCESS_TIMEOUT_SECONDS)[0] for worker in workers]
-    for worker, output in zip(workers, outputs):
-        assert worker.returncode == 0, output[-3000:]
+    workers, logs = [], []
+    try:
+        for index in range(2):
+            env = {key: value for key, value in os.environ.items()
+                   if key not in ("TF_XLA_FLAGS", "XLA_FLAGS", "PYTEST_CURRENT_TEST")}
+            env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
+                       TF_CONFIG=json.dumps({"cluster": cluster,
+                                             "task": {"type": "worker", "index": index}}))
+            # Files, not pipes: a worker blocked on a full pipe would stall the other.
+            # stderr apart: gRPC may log there as the other worker shuts down.
+            logs.append((tmp_path / f"worker{index}.out", tmp_path / f"worker{index}.err"))
+            with open(logs[-1][0], "w") as stdout, open(logs[-1][1], "w") as stderr:
+                workers.append(subprocess.Popen(
+                    [sys.executable, "-m", "training.train", *RUN_FLAGS, "--multi-worker",
+                     xla, "--data-dir", digits_data_dir, "--out", out],
+                    cwd=REPO, env=env, stdout=stdout, stderr=stderr))
+        for worker in workers:
+            worker.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS)
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    outputs = [stdout.read_text() for stdout, _ in logs]
+    for worker, output, (_, stderr) in zip(workers, outputs, logs):
+        assert worker.returncode == 0, output[-2000:] + stderr.read_text()[-3000:]
     assert "MultiWorkerMirroredStrategy, 2 workers" in outputs[0]
     checkpoint = os.path.join(out, train.CHECKPOINT_NAME)
     assert final_line(outputs[1])[2] == checkpoint  # the chief's checkpoint is the run's
