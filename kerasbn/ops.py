@@ -44,6 +44,46 @@ def statistics_dtype(dtype):
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
 
 
+class AxisError(ValueError):
+    """`axis` names no valid set of channel axes for an input's rank.
+
+    Attributes:
+        allowed: what `axis` must be, as a phrase ("within [-4, 4) for inputs of rank 4").
+    """
+
+    def __init__(self, axis, allowed):
+        super().__init__(f"axis must be {allowed}; received axis={axis!r}.")
+        self.allowed = allowed
+
+
+def channel_axes(axis, rank):
+    """The channel axes that `axis` names in inputs of `rank`: non-negative, sorted.
+
+    The one place where a batch norm's `axis` (an int or a list of ints, negative
+    counting from the end) is resolved against an input's rank.
+
+    Args:
+        axis: an int or a list/tuple of ints.
+        rank: the input's rank.
+
+    Returns:
+        A sorted list of distinct ints in [0, rank).
+
+    Raises:
+        AxisError: when an axis is outside [-rank, rank), two name the same axis, or no
+            axis is left to compute statistics over.
+    """
+    axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
+    if any(not -rank <= a < rank for a in axes):
+        raise AxisError(axis, f"within [-{rank}, {rank}) for inputs of rank {rank}")
+    positive = sorted(a % rank for a in axes)
+    if len(set(positive)) != len(positive):
+        raise AxisError(axis, f"distinct axes for inputs of rank {rank}")
+    if len(positive) == rank:
+        raise AxisError(axis, "leaving at least one axis to compute statistics over")
+    return positive
+
+
 def reduction_axes(rank, channel_axes):
     """The axes statistics are reduced over: every axis that is not a channel axis.
 
@@ -66,6 +106,27 @@ def broadcast_shape(rank, channel_axes, channel_shape):
     for axis, size in zip(sorted(channel_axes), channel_shape):
         shape[axis] = size
     return shape
+
+
+def mask_weights(mask, inputs, dtype):
+    """A Keras mask as weights of the input's shape: 1 where a value counts, 0 where not.
+
+    Keras hands a layer the mask of its input, shaped like the input without its last
+    axis, whatever the batch norm's channel axes are (what `Masking` and
+    `Embedding(mask_zero=True)` produce). As in `keras.layers.BatchNormalization`, a
+    trailing axis is added and the result broadcast to the input, so any mask that
+    broadcasts that way is taken (for example (N, T, 1) for an (N, T, H, C) input).
+
+    Args:
+        mask: a bool or numeric tensor of rank `inputs.shape.rank - 1`.
+        inputs: the layer's input.
+        dtype: the dtype of the weights.
+
+    Returns:
+        A tensor of `inputs`'s shape and `dtype`.
+    """
+    weights = tf.cast(tf.cast(tf.expand_dims(mask, -1), tf.bool), dtype)
+    return tf.broadcast_to(weights, tf.shape(inputs))
 
 
 class Layout:
@@ -304,6 +365,21 @@ def shifted_moments(x, axes, mask=None, *, compiled):
 
 
 def merge_moments(counts, shifts, offsets, variances):
+    """Merges the moments of disjoint parts of a batch: `(count, mean, variance)`.
+
+    See `merge_shifted_moments`, of which this returns the mean as one number.
+
+    Args:
+        counts, shifts, offsets, variances: tensors of shape [parts, *channel_shape].
+
+    Returns:
+        `(count, mean, variance)` of shape channel_shape.
+    """
+    count, shift, offset, variance = merge_shifted_moments(counts, shifts, offsets, variances)
+    return count, shift + offset, variance
+
+
+def merge_shifted_moments(counts, shifts, offsets, variances):
     """Merges the moments of disjoint parts of a batch into those of the whole.
 
     The parts run along axis 0, each as `shifted_moments` returns them. The merge is
@@ -319,11 +395,16 @@ def merge_moments(counts, shifts, offsets, variances):
     count 0, mean 0, variance 0. Every replica that merges the same parts gets the
     same bits.
 
+    The result keeps the mean as shift + offset (the shift of the largest part, and
+    the offset from it), so it can be merged again without losing precision: a running
+    accumulator over many batches merges `[accumulator, batch]` at each step.
+
     Args:
         counts, shifts, offsets, variances: tensors of shape [parts, *channel_shape].
 
     Returns:
-        `(count, mean, variance)` of shape channel_shape.
+        `(count, shift, offset, variance)` of shape channel_shape; the mean is
+        shift + offset.
     """
     largest = tf.one_hot(tf.argmax(counts, axis=0), tf.shape(counts)[0], axis=0,
                          dtype=shifts.dtype)
@@ -334,7 +415,7 @@ def merge_moments(counts, shifts, offsets, variances):
     delta = tf.reduce_sum(counts * deltas, axis=0) / divisor
     within = tf.reduce_sum(counts * variances, axis=0)
     between = tf.reduce_sum(counts * tf.math.squared_difference(deltas, delta), axis=0)
-    return count, reference_shift + delta, (within + between) / divisor
+    return count, reference_shift, delta, (within + between) / divisor
 
 
 def inference_coefficients(mean, variance, gamma, beta, epsilon):
