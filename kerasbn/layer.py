@@ -32,7 +32,8 @@ class BatchNormalization(keras.layers.Layer):
 
     Args:
         axis: the channel axis, or a list of axes, that keep their own statistics.
-        momentum: weight of the old value in the moving averages, in [0, 1).
+        momentum: weight of the old value in the moving averages, in [0, 1]; at 1
+            the moving statistics stay as they are while γ and β train.
         epsilon: added to the variance before the square root, > 0.
         center: whether to add the learned offset β.
         scale: whether to multiply by the learned scale γ.
@@ -46,11 +47,20 @@ class BatchNormalization(keras.layers.Layer):
         renorm: use Batch Renormalization (Ioffe, 2017).
         renorm_clipping: dict with optional keys "rmax", "rmin", "dmax" bounding the
             renorm corrections r and d.
-        renorm_momentum: momentum of the renorm moving mean and stddev, in [0, 1).
+        renorm_momentum: momentum of the renorm moving mean and stddev, in [0, 1].
         bessel_correction: update the moving variance with the unbiased estimate
             m/(m-1)·var_B (PyTorch's convention, the paper's Algorithm 2).
         sync_group_size: with `synchronized=True`, share statistics within groups of
             this many consecutive replicas instead of across all of them.
+        momentum_warmup: let the moving averages start right: update t (counted
+            from 0) uses the momentum min(momentum, t/(t+1)), so the first update
+            replaces the initial values and the averages are the exact mean of the
+            batches seen until t/(t+1) reaches `momentum` (about 1/(1-momentum)
+            updates). The count of updates, per channel, is a non-trainable weight,
+            `update_count`, saved, restored and synchronized like the moving
+            statistics. Off by default, as in Keras. With `momentum=1.0` the moving
+            statistics are the cumulative average of every batch (PyTorch's
+            `momentum=None`).
         jit_compile: compile the layer's math (moments, normalization, each part of
             the backward pass) with XLA. These programs touch no variable and no
             collective, so they compile under every strategy, on CPUs too, where
@@ -91,6 +101,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm_momentum=0.99,
         bessel_correction=False,
         sync_group_size=None,
+        momentum_warmup=False,
         jit_compile=True,
         **kwargs,
     ):
@@ -119,6 +130,7 @@ class BatchNormalization(keras.layers.Layer):
         )
         self.bessel_correction = bool(bessel_correction)
         self.sync_group_size = self._validated_sync_group_size(sync_group_size)
+        self.momentum_warmup = bool(momentum_warmup)
         self.jit_compile = bool(jit_compile)
         self.gamma = None
         self.beta = None
@@ -144,8 +156,9 @@ class BatchNormalization(keras.layers.Layer):
         return [int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis)
 
     def _validated_momentum(self, argument, momentum):
-        if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
-            raise self._argument_error(argument, momentum, "a number in [0, 1)")
+        if (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
+                or not 0.0 <= momentum <= 1.0):
+            raise self._argument_error(argument, momentum, "a number in [0, 1]")
         return float(momentum)
 
     def _validated_epsilon(self, epsilon):
@@ -184,21 +197,10 @@ class BatchNormalization(keras.layers.Layer):
 
     def _channel_axes_for_rank(self, rank):
         """The channel axes, made non-negative and sorted, for inputs of `rank`."""
-        axes = self.axis if isinstance(self.axis, list) else [self.axis]
-        if any(not -rank <= a < rank for a in axes):
-            raise self._argument_error(
-                "axis", self.axis, f"within [-{rank}, {rank}) for inputs of rank {rank}"
-            )
-        positive = sorted(a % rank for a in axes)
-        if len(set(positive)) != len(positive):
-            raise self._argument_error(
-                "axis", self.axis, f"distinct axes for inputs of rank {rank}"
-            )
-        if len(positive) == rank:
-            raise self._argument_error(
-                "axis", self.axis, "leaving at least one axis to compute statistics over"
-            )
-        return positive
+        try:
+            return ops.channel_axes(self.axis, rank)
+        except ops.AxisError as error:
+            raise self._argument_error("axis", self.axis, error.allowed) from None
 
     # ---------------------------------------------------------------- build
 
@@ -238,6 +240,8 @@ class BatchNormalization(keras.layers.Layer):
                 "renorm_mean", self.moving_mean_initializer
             )
             self.renorm_stddev = self._add_statistic("renorm_stddev", stddev_initializer)
+        if self.momentum_warmup:
+            self.update_count = self._add_statistic("update_count", "zeros")
 
     def _add_statistic(self, name, initializer):
         # Unsynchronized, replicas average their updates, as in Keras. Synchronized,
@@ -312,7 +316,7 @@ class BatchNormalization(keras.layers.Layer):
     def _normalize_with_batch_statistics(self, inputs, mask):
         layout = self._layout
         x = layout.view(inputs)
-        weights = self._mask_weights(mask)
+        weights = self._mask_weights(mask, inputs)
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
         if group is None:
             count, mean, variance = ops.moments(
@@ -341,34 +345,46 @@ class BatchNormalization(keras.layers.Layer):
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
         return tf.reshape(outputs, tf.shape(inputs))
 
-    def _mask_weights(self, mask):
-        """A Keras mask (one dim per non-channel axis) as 0/1 weights for the view."""
+    def _mask_weights(self, mask, inputs):
+        """A Keras mask as 0/1 weights for the view (see `ops.mask_weights`)."""
         if mask is None:
             return None
-        expected_rank = self._rank - len(self._channel_axes)
-        if mask.shape.rank != expected_rank:
+        self._check_mask(mask, inputs)
+        dtype = ops.statistics_dtype(inputs.dtype)
+        return self._layout.view(ops.mask_weights(mask, inputs, dtype))
+
+    def _check_mask(self, mask, inputs):
+        input_shape = tuple(inputs.shape)
+        expected = input_shape[:-1]
+        mask_shape = tuple(mask.shape)
+        broadcasts = len(mask_shape) == len(expected) and all(
+            m is None or d is None or m in (1, d) for m, d in zip(mask_shape, expected)
+        )
+        if not broadcasts:
             raise ValueError(
-                f"BatchNormalization layer '{self.name}': argument `mask` must have rank "
-                f"{expected_rank} (the input's rank without its channel axes); received "
-                f"mask shape {tuple(mask.shape)}."
+                f"BatchNormalization layer '{self.name}': argument `mask` must have the "
+                f"input's shape without its last axis, {expected}, or a shape that "
+                "broadcasts to it (a dimension may be 1), as Keras passes masks; "
+                f"received mask shape {mask_shape} for input shape {input_shape}."
             )
-        for axis in self._channel_axes:
-            mask = tf.expand_dims(mask, axis)
-        return self._layout.view(mask)
 
     # ---------------------------------------------------------------- moving statistics
 
     def _update_moving_statistics(self, count, mean, variance):
         """Moves the averages toward this batch, unless its statistics are unusable.
 
-        A batch with a non-finite statistic, or with no values at all, leaves every
-        moving statistic at its last value.
+        A batch with a non-finite statistic leaves every moving statistic at its last
+        value; a channel with no values in the batch (every value masked) leaves that
+        channel's.
         """
-        usable = tf.logical_and(ops.all_finite(mean, variance), tf.reduce_all(count > 0))
+        usable = tf.logical_and(ops.all_finite(mean, variance), count > 0)
         if self.bessel_correction:
             variance = variance * count / tf.maximum(count - 1.0, 1.0)
+        warmup = self._warmup_momentum(usable, mean.dtype) if self.momentum_warmup else None
 
         def move(variable, value, momentum):
+            if warmup is not None:
+                momentum = warmup(momentum)
             old = tf.cast(variable, value.dtype)
             new = tf.where(usable, ops.moving_average(old, value, momentum), old)
             variable.assign(tf.cast(new, variable.dtype))
@@ -386,6 +402,14 @@ class BatchNormalization(keras.layers.Layer):
             tf.cast(tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
                     self.moving_variance.dtype)
         )
+
+    def _warmup_momentum(self, usable, dtype):
+        """Counts this update per usable channel; returns momentum -> min(momentum, t/(t+1))."""
+        updates = tf.cast(self.update_count, dtype)
+        self.update_count.assign(
+            tf.cast(tf.where(usable, updates + 1.0, updates), self.update_count.dtype))
+        return lambda momentum: tf.minimum(
+            tf.constant(momentum, dtype), updates / (updates + 1.0))
 
     # ---------------------------------------------------------------- config
 
@@ -412,6 +436,7 @@ class BatchNormalization(keras.layers.Layer):
             "renorm_momentum": self.renorm_momentum,
             "bessel_correction": self.bessel_correction,
             "sync_group_size": self.sync_group_size,
+            "momentum_warmup": self.momentum_warmup,
             "jit_compile": self.jit_compile,
         })
         return config

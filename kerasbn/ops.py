@@ -14,6 +14,8 @@ Statistics are float32 for float16, bfloat16 and float32 inputs, and float64 for
 float64 inputs (`statistics_dtype`).
 """
 
+import functools
+
 import tensorflow as tf
 
 
@@ -22,21 +24,40 @@ def _compilable(fn):
 
     The compiled pieces touch no variable and no collective, which is what lets XLA
     compile them inside any strategy's replica function, on CPUs as on GPUs. Each
-    input signature is traced apart (XLA compiles per concrete shape anyway), so the
-    trace keeps every static dim the caller knows. `fn` itself receives `compiled`,
-    to pick the form of a computation that suits XLA.
+    input signature gets a `tf.function` of its own (XLA compiles per concrete shape
+    anyway), so the trace keeps every static dim the caller knows, and a layer called
+    eagerly on a few shapes never triggers TensorFlow's "frequent retracing" warning,
+    which counts the traces of one function. `fn` itself receives `compiled`, to pick
+    the form of a computation that suits XLA.
     """
-    def compiled_fn(*args, **kwargs):
-        return fn(*args, compiled=True, **kwargs)
-
-    xla = tf.function(compiled_fn, jit_compile=True, autograph=False)
+    programs = {}
 
     def call(*args, compiled=False, **kwargs):
-        return xla(*args, **kwargs) if compiled else fn(*args, compiled=False, **kwargs)
+        if not compiled:
+            return fn(*args, compiled=False, **kwargs)
+        key = _signature((args, sorted(kwargs.items())))
+        program = programs.get(key)
+        if program is None:
+            # A partial, not a closure: TensorFlow counts traces per code object.
+            program = programs[key] = tf.function(
+                functools.partial(fn, compiled=True), jit_compile=True, autograph=False)
+        return program(*args, **kwargs)
 
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
     call.body = fn  # for compiled pieces made of others: one program, not nested ones
     return call
+
+
+def _signature(value):
+    """A hashable key of a call's arguments: shape and dtype for tensors, else values."""
+    if isinstance(value, (tf.Tensor, tf.Variable)) or (
+            hasattr(value, "shape") and hasattr(value, "dtype")):
+        shape = tf.TensorShape(value.shape)
+        dims = None if shape.rank is None else tuple(shape.as_list())
+        return ("tensor", dims, tf.as_dtype(value.dtype).name)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(item) for item in value)
+    return value
 
 
 def statistics_dtype(dtype):

@@ -5,14 +5,25 @@ Renormalization (Ioffe 2017), Algorithm 1, written as plainly as possible.
 """
 
 import numpy as np
+import tensorflow as tf
 
 
-def channel_shape_and_axes(shape, channel_axes):
+def channel_axes(rank, axis):
+    """The channel axes an `axis` (int or list, negative from the end) names: sorted, >= 0."""
+    return sorted(int(a) % rank for a in np.atleast_1d(axis))
+
+
+def keras_mask_weights(mask, shape):
+    """Keras's mask rule in float64: a trailing axis added, broadcast to the input's shape."""
+    return np.broadcast_to(np.expand_dims(np.asarray(mask, bool), -1), shape).astype(np.float64)
+
+
+def channel_shape_and_axes(shape, channel_axes_):
     """(reduction axes, broadcast shape) for an input shape and its channel axes."""
     rank = len(shape)
-    channel_axes = sorted(a % rank for a in np.atleast_1d(channel_axes))
-    reduce = tuple(a for a in range(rank) if a not in channel_axes)
-    broadcast = [shape[a] if a in channel_axes else 1 for a in range(rank)]
+    channel_axes_ = channel_axes(rank, channel_axes_)
+    reduce = tuple(a for a in range(rank) if a not in channel_axes_)
+    broadcast = [shape[a] if a in channel_axes_ else 1 for a in range(rank)]
     return reduce, broadcast
 
 
@@ -90,3 +101,30 @@ def relative_error(actual, expected):
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / max(np.max(np.abs(expected)), 1e-300))
+
+
+def train_step(x, weights, channel_axes_, gamma, beta, cotangent, epsilon):
+    """Algorithm 1 on the whole batch in float64, its gradient by tf.GradientTape.
+
+    The math is written with plain ops (no custom gradient), loss = Σ y·cotangent;
+    `weights` (None, or 0/1 of x's shape) keep masked values out of the statistics.
+    Returns (y, dx, dgamma, dbeta, count, mean, variance).
+    """
+    x = tf.constant(x, tf.float64)
+    reduce, broadcast = channel_shape_and_axes(x.shape, channel_axes_)
+    w = tf.ones_like(x) if weights is None else tf.broadcast_to(
+        tf.constant(weights, tf.float64), x.shape)
+    gamma = tf.constant(gamma, tf.float64)
+    beta = tf.constant(beta, tf.float64)
+    with tf.GradientTape() as tape:
+        tape.watch([x, gamma, beta])
+        count = tf.reduce_sum(w, reduce, keepdims=True)
+        mean = tf.reduce_sum(w * x, reduce, keepdims=True) / count
+        var = tf.reduce_sum(w * tf.square(x - mean), reduce, keepdims=True) / count
+        y = ((x - mean) * tf.math.rsqrt(var + epsilon) * tf.reshape(gamma, broadcast)
+             + tf.reshape(beta, broadcast))
+        loss = tf.reduce_sum(y * tf.constant(cotangent, tf.float64))
+    dx, dgamma, dbeta = tape.gradient(loss, [x, gamma, beta])
+    squeeze = lambda t: tf.squeeze(t, reduce).numpy()  # noqa: E731
+    return (y.numpy(), dx.numpy(), dgamma.numpy(), dbeta.numpy(), squeeze(count),
+            squeeze(mean), squeeze(var))

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.distribute import distribute_lib
 
+import grids
 import kerasbn
 import reference
 from kerasbn import distribute
@@ -31,10 +32,6 @@ UNEVEN = [5, 0, 3, 8]
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _channel_axes(rank, axis):
-    return sorted(a % rank for a in (axis if isinstance(axis, list) else [axis]))
 
 
 def _split(array, sizes, axis=0):
@@ -67,32 +64,6 @@ def _randomize(layer, rng, momentum_init=True):
     if momentum_init:
         layer.moving_mean.assign(rng.standard_normal(shape))
         layer.moving_variance.assign(rng.uniform(0.5, 2.0, shape))
-
-
-def _reference_step(x, mask, channel_axes, gamma, beta, cotangent, epsilon):
-    """Single-device BN on the global batch in float64, its gradient by GradientTape.
-
-    The math is written with plain ops (no custom gradient): loss = Σ y·cotangent.
-    Returns (y, dx, dgamma, dbeta, count, mean, variance).
-    """
-    x = tf.constant(x, tf.float64)
-    reduce, broadcast = reference.channel_shape_and_axes(x.shape, channel_axes)
-    w = tf.ones_like(x) if mask is None else tf.broadcast_to(tf.constant(mask, tf.float64),
-                                                             x.shape)
-    gamma = tf.constant(gamma, tf.float64)
-    beta = tf.constant(beta, tf.float64)
-    with tf.GradientTape() as tape:
-        tape.watch([x, gamma, beta])
-        count = tf.reduce_sum(w, reduce, keepdims=True)
-        mean = tf.reduce_sum(w * x, reduce, keepdims=True) / count
-        var = tf.reduce_sum(w * tf.square(x - mean), reduce, keepdims=True) / count
-        y = ((x - mean) * tf.math.rsqrt(var + epsilon) * tf.reshape(gamma, broadcast)
-             + tf.reshape(beta, broadcast))
-        loss = tf.reduce_sum(y * tf.constant(cotangent, tf.float64))
-    dx, dgamma, dbeta = tape.gradient(loss, [x, gamma, beta])
-    squeeze = lambda t: tf.squeeze(t, reduce).numpy()  # noqa: E731
-    return (y.numpy(), dx.numpy(), dgamma.numpy(), dbeta.numpy(), squeeze(count),
-            squeeze(mean), squeeze(var))
 
 
 def _replica_step(strategy, layer, x_parts, cot_parts, mask_parts=None, dtype=None):
@@ -153,24 +124,12 @@ def _assert_step_matches_reference(results, reference_step, layer, old_statistic
 
 # ------------------------------------------------------------------ the global batch
 
-# (per-example shape, axis): ranks 2-5, channels-last and channels-first.
-LAYOUTS = [
-    ((6,), -1),
-    ((5, 4), -1),
-    ((4, 5), 1),
-    ((4, 3, 5), -1),
-    ((5, 4, 3), 1),
-    ((3, 4, 3, 4), -1),
-    ((4, 3, 2, 3), 1),
-]
-
-
-@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=[f"{s}-axis{a}" for s, a in LAYOUTS])
+@pytest.mark.parametrize("shape,axis", grids.LAYOUTS, ids=grids.LAYOUT_IDS)
 def test_forward_backward_and_moving_statistics_are_those_of_the_global_batch(
         mirrored_strategy, rng, shape, axis):
     strategy = mirrored_strategy
     full = (sum(UNEVEN),) + shape
-    channel_axes = _channel_axes(len(full), axis)
+    channel_axes = reference.channel_axes(len(full), axis)
     x = (3.0 + 2.0 * rng.standard_normal(full)).astype(np.float32)
     cot = rng.standard_normal(full).astype(np.float32)
     with strategy.scope():
@@ -182,7 +141,7 @@ def test_forward_backward_and_moving_statistics_are_those_of_the_global_batch(
 
     results = _replica_step(strategy, layer, _split(x, UNEVEN), _split(cot, UNEVEN))
 
-    reference_step = _reference_step(x, None, channel_axes, gamma, beta, cot,
+    reference_step = reference.train_step(x, None, channel_axes, gamma, beta, cot,
                                      layer.epsilon)
     _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
 
@@ -194,7 +153,7 @@ def test_statistics_exact_at_mean_over_std_1e4(mirrored_strategy, rng, shape, ax
     strategy = mirrored_strategy
     sizes = [7, 4, 0, 9]
     full = (sum(sizes),) + shape
-    channel_axes = _channel_axes(len(full), axis)
+    channel_axes = reference.channel_axes(len(full), axis)
     channels = [full[a] for a in channel_axes]
     # Every replica's data around 1e4, the replicas' means apart by a few std.
     x = (1e4 + rng.standard_normal(full)).astype(np.float32)
@@ -228,7 +187,7 @@ def test_masked_statistics_and_gradients(mirrored_strategy, rng):
     old_mean, old_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
     results = _replica_step(strategy, layer, _split(x, UNEVEN), _split(cot, UNEVEN),
                             _split(mask, UNEVEN))
-    reference_step = _reference_step(x, mask[..., None], [2], gamma, beta, cot,
+    reference_step = reference.train_step(x, mask[..., None], [2], gamma, beta, cot,
                                      layer.epsilon)
     _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
 
@@ -291,7 +250,7 @@ def test_replica_groups_normalize_within_each_group(mirrored_strategy, rng):
     group_sizes = [sizes[0] + sizes[1], sizes[2] + sizes[3]]
     group_means, group_vars = [], []
     for g, (xg, cg) in enumerate(zip(_split(x, group_sizes), _split(cot, group_sizes))):
-        ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = _reference_step(
+        ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = reference.train_step(
             xg, None, [1], gamma, beta, cg, layer.epsilon)
         parts = results[2 * g:2 * g + 2]
         assert reference.relative_error(np.concatenate([p[0] for p in parts]), ref_y) < 1e-5

@@ -1,29 +1,23 @@
 """kerasbn.BatchNormalization: the Keras layer, against float64 references and Keras."""
 
+import logging
+import re
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import grids
 import kerasbn
 import reference
 from layer_contract import run_layer_contract
 
-# (input shape without batch, axis): ranks 2-5, channels-last, channels-first, several axes.
-LAYOUTS = [
-    ((7,), -1),
-    ((9, 5), -1),
-    ((5, 9), 1),
-    ((6, 5, 4), -1),
-    ((4, 6, 5), 1),
-    ((6, 5, 4), [1, 3]),
-    ((5, 3, 4, 3), -1),
-]
+LAYOUTS = grids.LAYOUTS
 
 
 def _channel_axes(shape, axis):
-    rank = len(shape)
-    return sorted(a % rank for a in (axis if isinstance(axis, list) else [axis]))
+    return reference.channel_axes(len(shape), axis)
 
 
 def _randomized_layer(rng, axis, full_shape, **config):
@@ -46,6 +40,8 @@ def _batch(rng, shape, loc=1.0, scale=2.0):
 
 CONTRACT_CONFIGS = [
     ({}, (6,)),
+    ({"momentum_warmup": True, "axis": 1}, (3, 4)),
+    ({"momentum": 1.0}, (4,)),
     ({"jit_compile": False}, (4, 4, 3)),
     ({"axis": 1}, (3, 4, 4)),
     ({"axis": [1, 3]}, (3, 4, 2)),
@@ -255,6 +251,182 @@ def test_masked_steps_are_left_out_of_the_statistics(rng):
     np.testing.assert_allclose(bn.moving_variance.numpy(), valid.var(axis=0), rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", grids.MASK_KINDS)
+@pytest.mark.parametrize("shape,axis", LAYOUTS, ids=grids.LAYOUT_IDS)
+def test_masked_values_stay_out_of_the_statistics_forward_and_backward(rng, shape, axis,
+                                                                          kind):
+    """Keras's masks (the input's shape without its last axis, or broadcastable to it)."""
+    full = (8,) + shape
+    layer = _randomized_layer(rng, axis, full, momentum=0.5)
+    old_mean, old_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    x = _batch(rng, full)
+    mask = grids.random_mask(rng, full, kind)
+    cotangent = rng.standard_normal(full)
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True, mask=tf.constant(mask))
+    dx, dgamma, dbeta = tape.gradient(y, [xt, layer.gamma, layer.beta],
+                                      output_gradients=tf.constant(cotangent, tf.float32))
+    ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = reference.train_step(
+        x, reference.keras_mask_weights(mask, full), _channel_axes(full, axis),
+        layer.gamma.numpy(), layer.beta.numpy(), cotangent, layer.epsilon)
+    for actual, expected in ((y, ref_y), (dx, ref_dx), (dgamma, ref_dgamma),
+                             (dbeta, ref_dbeta)):
+        assert reference.relative_error(actual, expected) < 2e-5
+    np.testing.assert_allclose(layer.moving_mean.numpy(),
+                               reference.moving_average(old_mean, mean, 0.5), rtol=0,
+                               atol=1e-5 * np.sqrt(var).max())
+    np.testing.assert_allclose(layer.moving_variance.numpy(),
+                               reference.moving_average(old_var, var, 0.5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 2, 3), (4, 5, 5), (4, 6, 5)])
+def test_masking_layer_with_axis_1_computes_what_keras_computes(rng, shape):
+    """The issue's reproductions: Masking's mask is (N, T) whatever the batch norm's axis."""
+    x = rng.normal(5, 10, shape).astype(np.float32)
+    x[:, 1, :] = 0  # masked by Masking: a whole timestep
+    masked = keras.layers.Masking()(x)
+    ours = kerasbn.BatchNormalization(axis=1, momentum=0.5)
+    stock = keras.layers.BatchNormalization(axis=1, momentum=0.5)
+    y_ours, y_stock = ours(masked, training=True), stock(masked, training=True)
+    valid = np.delete(x, 1, axis=1).astype(np.float64)
+    expected_mean = 0.5 * valid.mean(axis=(0, 2))
+    counted = [c for c in range(shape[1]) if c != 1]
+    np.testing.assert_allclose(ours.moving_mean.numpy()[counted], expected_mean,
+                               rtol=1e-5, atol=1e-5)
+    # Where a channel has values, as Keras; the channel with none keeps its statistics
+    # (Keras moves it toward mean 0 and variance 0).
+    np.testing.assert_allclose(ours.moving_mean.numpy()[counted],
+                               stock.moving_mean.numpy()[counted], rtol=1e-5, atol=1e-5)
+    assert ours.moving_mean.numpy()[1] == 0.0 and ours.moving_variance.numpy()[1] == 1.0
+    np.testing.assert_allclose(np.delete(y_ours.numpy(), 1, axis=1),
+                               np.delete(y_stock.numpy(), 1, axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_a_broadcastable_mask_is_taken_as_keras_takes_it():
+    """The issue's reproduction: a (1, 2, 1) mask for an input of shape (1, 2, 3, 4)."""
+    layer = kerasbn.BatchNormalization(momentum=0.0)
+    y = layer(keras.ops.ones((1, 2, 3, 4)), training=True, mask=keras.ops.ones((1, 2, 1)))
+    np.testing.assert_array_equal(y.numpy(), np.zeros((1, 2, 3, 4)))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.ones(4))
+    np.testing.assert_array_equal(layer.moving_variance.numpy(), np.zeros(4))
+
+
+def test_a_channel_with_every_value_masked_keeps_its_moving_statistics(rng):
+    layer = _randomized_layer(rng, 1, (6, 4, 5), momentum=0.5)
+    kept_mean, kept_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    mask = np.ones((6, 4), bool)
+    mask[:, 2] = False
+    x = _batch(rng, (6, 4, 5))
+    y = layer(x, training=True, mask=mask)
+    assert np.all(np.isfinite(y.numpy()))
+    assert layer.moving_mean.numpy()[2] == kept_mean[2]
+    assert layer.moving_variance.numpy()[2] == kept_var[2]
+    others = [0, 1, 3]
+    _, mean, _ = reference.moments(x[:, others], [1])
+    np.testing.assert_allclose(layer.moving_mean.numpy()[others],
+                               reference.moving_average(kept_mean[others], mean, 0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ momentum 1 and warm-up
+
+
+def test_momentum_one_keeps_the_moving_statistics_while_gamma_and_beta_train(rng):
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(5),
+                              kerasbn.BatchNormalization(momentum=1.0), keras.layers.Dense(1)])
+    bn = model.layers[1]
+    bn.moving_mean.assign(rng.standard_normal(5))
+    bn.moving_variance.assign(rng.uniform(0.5, 2, 5))
+    before = [w.numpy() for w in bn.weights]
+    model.compile("sgd", "mse")
+    x = _batch(rng, (64, 6), loc=3.0)
+    model.fit(x, x[:, :1] ** 2, epochs=2, batch_size=16, verbose=0)
+    names = [w.name for w in bn.weights]
+    after = dict(zip(names, (w.numpy() for w in bn.weights)))
+    for name, value in zip(names, before):
+        if name in ("moving_mean", "moving_variance"):
+            np.testing.assert_array_equal(after[name], value)
+        else:
+            assert np.abs(after[name] - value).max() > 1e-4, f"{name} did not train"
+
+
+@pytest.mark.parametrize("momentum", [0.99, 0.9])
+def test_warmed_up_averages_are_the_mean_of_the_batches_seen(rng, momentum):
+    layer = kerasbn.BatchNormalization(momentum=momentum, momentum_warmup=True, axis=1)
+    layer.build((None, 3, 4))
+    means, variances = [], []
+    updates = int(momentum / (1 - momentum))  # below: t/(t+1) < momentum for t < this
+    for t in range(updates + 3):
+        x = _batch(rng, (8, 3, 4), loc=rng.uniform(-5, 5), scale=rng.uniform(0.5, 3))
+        layer(x, training=True)
+        _, mean, var = reference.moments(x, [1])
+        means.append(mean)
+        variances.append(var)
+        np.testing.assert_array_equal(layer.update_count.numpy(), np.full(3, t + 1.0))
+        if t < updates:
+            np.testing.assert_allclose(layer.moving_mean.numpy(), np.mean(means, axis=0),
+                                       rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(layer.moving_variance.numpy(),
+                                       np.mean(variances, axis=0), rtol=1e-5)
+    # Then the layer's momentum: one ordinary exponential step.
+    previous = layer.moving_mean.numpy()
+    x = _batch(rng, (8, 3, 4))
+    layer(x, training=True)
+    np.testing.assert_allclose(
+        layer.moving_mean.numpy(),
+        reference.moving_average(previous, reference.moments(x, [1])[1], momentum),
+        rtol=1e-5, atol=1e-6)
+
+
+def test_warm_up_counts_only_the_batches_that_reach_the_statistics(rng):
+    layer = kerasbn.BatchNormalization(momentum_warmup=True, axis=1)
+    x = _batch(rng, (4, 3, 5))
+    layer(x, training=True)
+    bad = x.copy()
+    bad[0, 0, 0] = np.nan
+    layer(bad, training=True)  # non-finite: no update anywhere
+    mask = np.ones((4, 3), bool)
+    mask[:, 1] = False
+    layer(x, training=True, mask=mask)  # channel 1 has no value: only 0 and 2 count
+    np.testing.assert_array_equal(layer.update_count.numpy(), [2.0, 1.0, 2.0])
+
+
+def test_warm_up_count_survives_a_keras_file_round_trip(rng, tmp_path):
+    model = keras.Sequential([keras.Input((4,)),
+                              kerasbn.BatchNormalization(momentum_warmup=True)])
+    for _ in range(3):
+        model(_batch(rng, (8, 4)), training=True)
+    path = str(tmp_path / "warm.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    bn = loaded.layers[0]
+    assert bn.momentum_warmup is True
+    np.testing.assert_array_equal(bn.update_count.numpy(), np.full(4, 3.0))
+    for ours, theirs in zip(model.layers[0].weights, bn.weights):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+
+
+def test_eager_calls_on_new_shapes_log_no_retracing_warning(rng):
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    tf.get_logger().addHandler(handler)
+    try:
+        layer = kerasbn.BatchNormalization()
+        for batch in range(1, 9):
+            layer(_batch(rng, (batch, 3)), training=True)
+            layer(_batch(rng, (batch, 3)), training=False)
+    finally:
+        tf.get_logger().removeHandler(handler)
+    assert not [m for m in messages if "retracing" in m]
+
+
 # ------------------------------------------------------------------ numerics
 
 
@@ -281,7 +453,8 @@ def test_low_precision_inputs_keep_their_dtype(rng, dtype):
 
 
 @pytest.mark.parametrize("kwargs,argument", [
-    ({"momentum": 1.0}, "momentum"),
+    ({"momentum": 1.5}, "momentum"),
+    ({"momentum": True}, "momentum"),
     ({"momentum": -0.1}, "momentum"),
     ({"momentum": "high"}, "momentum"),
     ({"epsilon": 0.0}, "epsilon"),
@@ -334,7 +507,10 @@ def test_string_inputs_are_refused():
         kerasbn.BatchNormalization(name="bn")(tf.constant([["a", "b"]]))
 
 
-def test_mask_of_the_wrong_rank_is_refused(rng):
-    with pytest.raises(ValueError, match=r"`mask` must have rank 2"):
+@pytest.mark.parametrize("mask_shape", [(4, 5, 3), (4,), (4, 3), (2, 5), (4, 5, 1, 1)])
+def test_a_mask_keras_would_not_pass_is_refused(rng, mask_shape):
+    with pytest.raises(ValueError, match=(
+            r"'bn'.*`mask` must have the input's shape without its last axis, \(4, 5\).*"
+            rf"received mask shape {re.escape(str(mask_shape))} for input shape \(4, 5, 3\)")):
         kerasbn.BatchNormalization(name="bn")(
-            _batch(rng, (4, 5, 3)), training=True, mask=tf.ones((4, 5, 3), tf.bool))
+            _batch(rng, (4, 5, 3)), training=True, mask=tf.ones(mask_shape, tf.bool))

@@ -4,19 +4,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import grids
 import reference
 from kerasbn import ops
 
-# (input shape, channel axes): ranks 2-5, channels-last, channels-first, several axes.
-LAYOUTS = [
-    ((64, 7), [1]),
-    ((16, 9, 5), [2]),
-    ((16, 5, 9), [1]),
-    ((8, 6, 5, 4), [3]),
-    ((8, 4, 6, 5), [1]),
-    ((8, 6, 5, 4), [1, 3]),
-    ((4, 5, 3, 4, 3), [4]),
-]
+# (input shape, channel axes) of the shared grid, with a batch of 16.
+LAYOUTS = [((16,) + shape, reference.channel_axes(len(shape) + 1, axis))
+           for shape, axis in grids.LAYOUTS]
 
 
 def _setup(shape, channel_axes):
