@@ -4,8 +4,9 @@ Run by tests/test_distribute.py as `python multiworker_worker.py INPUT.npz OUTPU
 with TF_CONFIG naming both workers on 127.0.0.1. INPUT.npz holds the initial weights
 and, for each worker, its own shard of every batch; the worker trains a small model
 with synchronized kerasbn layers in a custom loop (`strategy.run`, one batch in which
-worker 1 has no example at all) and with `model.fit`, counts the collective ops of its
-traced steps, and writes what it got to OUTPUT.npz for the test to compare with a
+worker 1 has no example at all) and with `model.fit` (through the training program's
+workaround, `training.runtime.prepare_multi_worker_fit`), counts the collective ops of
+its traced steps, and writes what it got to OUTPUT.npz for the test to compare with a
 single-process reference.
 """
 
@@ -21,6 +22,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kerasbn  # noqa: E402
+
+# Run as a script from tests/: the repository root holds the `training` package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from training.runtime import prepare_multi_worker_fit  # noqa: E402
 
 COLLECTIVE_OPS = ("CollectiveReduceV2", "CollectiveGatherV2", "CollectiveBcastSendV2",
                   "CollectiveBcastRecvV2", "CollectiveReduce", "CollectiveGather",
@@ -64,32 +69,6 @@ def forward_backward_function(strategy, model):
 
     return tf.function(lambda x: strategy.run(replica_fn, args=(x,)),
                        input_signature=[tf.TensorSpec([None, 6])])
-
-
-def patch_keras_fit_for_multi_worker(model, strategy, data_batch):
-    """Works around Keras 3's `fit` under MultiWorkerMirroredStrategy (keras-team/keras#20585).
-
-    Keras 3.15 fails twice there, before any batch norm runs: `_maybe_symbolic_build`
-    `strategy.reduce`s a whole (x, y) batch, which MultiWorkerMirroredStrategy does not
-    reduce, and `reduce_per_replica` averages the scalar logs with `axis=0`. Here the
-    model's compiled state is built from a local batch, and scalar logs are averaged
-    with `axis=None`. Training itself is Keras's, unchanged.
-    """
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    with strategy.scope():
-        model._symbolic_build(data_batch=data_batch)
-    model._maybe_symbolic_build = lambda *args, **kwargs: None
-    real_reduce = tf_trainer.reduce_per_replica
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean"):
-            return real_reduce(values, strategy, reduction)
-        return tf.nest.map_structure(
-            lambda v: strategy.reduce("MEAN", v, axis=None)
-            if isinstance(v, tf.distribute.DistributedValues) else v, values)
-
-    tf_trainer.reduce_per_replica = reduce_per_replica
 
 
 def main(input_path, output_path):
@@ -150,8 +129,8 @@ def main(input_path, output_path):
         ).batch(context.get_per_replica_batch_size(int(data["fit_global_batch"])))
 
     dataset = strategy.distribute_datasets_from_function(dataset_fn)
-    patch_keras_fit_for_multi_worker(fitted, strategy,
-                                     (data["fit_x_0"][:1], data["fit_y_0"][:1]))
+    with strategy.scope():
+        prepare_multi_worker_fit(fitted, (data["fit_x_0"][:1], data["fit_y_0"][:1]))
     fitted.fit(dataset, epochs=1, steps_per_epoch=int(data["fit_steps"]), verbose=0)
     results["fit_iterations"] = int(fitted.optimizer.iterations.numpy())
     results.update({f"fit_{i}": w.numpy() for i, w in enumerate(fitted.weights)})
