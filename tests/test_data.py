@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.request
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -111,8 +112,6 @@ def test_load_defaults_to_digits_in_kerasbn_data_dir(digits_data_dir, monkeypatc
 
 def test_batched_keeps_the_last_partial_batch_unless_asked_to_drop_it(digits_data_dir):
     train, _, _ = data.load(data_dir=digits_data_dir)
-    assert NUM_TRAIN % 64 == 29
-
     kept = data.batched(train, 64, shuffle=False)
     sizes = [len(labels) for _, labels in kept.as_numpy_iterator()]
     assert sizes == [64] * 22 + [29]
@@ -142,6 +141,67 @@ def test_shuffling_with_a_seed_is_reproducible(digits_data_dir):
 def test_batched_rejects_a_batch_size_that_is_not_a_positive_integer(batch_size):
     with pytest.raises(ValueError, match="batch_size"):
         data.batched(tf.data.Dataset.range(10), batch_size, shuffle=False)
+
+
+# ------------------------------------------------------------------ the training stream
+
+
+def numbers_dataset(count):
+    return tf.data.Dataset.range(count).map(lambda i: (i, i % 7))
+
+
+def stream_batches(stream):
+    return [x.numpy().tolist() for x, _ in stream]
+
+
+def test_training_stream_keeps_the_last_partial_batch_and_reshuffles_each_epoch():
+    keras.utils.set_random_seed(0)
+    stream = data.training_stream(numbers_dataset(10), 10, 4, seed=1, first_epoch=0,
+                                  epochs=2, steps_per_epoch=3)
+    batches = stream_batches(stream)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
+    first, second = batches[:3], batches[3:]
+    assert sorted(sum(first, [])) == list(range(10))
+    assert sorted(sum(second, [])) == list(range(10))
+    assert first != second
+    # Iterating again gives the same batches (Keras iterates once more under a strategy).
+    assert stream_batches(stream) == batches
+    # A run resumed at epoch 1 reads what the uninterrupted run read in epoch 1.
+    resumed = data.training_stream(numbers_dataset(10), 10, 4, seed=1, first_epoch=1,
+                                   epochs=2, steps_per_epoch=3)
+    assert stream_batches(resumed) == second
+    # Workers split the batches (a generated stream has no files to split).
+    assert (stream.options().experimental_distribute.auto_shard_policy
+            == tf.data.experimental.AutoShardPolicy.DATA)
+
+
+def test_training_stream_runs_over_passes_when_an_epoch_asks_for_more():
+    keras.utils.set_random_seed(0)
+    stream = data.training_stream(numbers_dataset(10), 10, 4, seed=1, first_epoch=0,
+                                  epochs=1, steps_per_epoch=5)
+    batches = stream_batches(stream)
+    assert [len(b) for b in batches] == [4, 4, 2, 4, 4]
+    assert sorted(sum(batches[:3], [])) == list(range(10))
+    assert batches[3:] != batches[:2]  # the second pass is shuffled anew
+    assert data.examples_per_epoch(10, 4, 5) == 18 == sum(len(b) for b in batches)
+    assert data.examples_per_epoch(10, 4, None) == 10
+    assert data.examples_per_epoch(1437, 64, 22) == 1408
+
+
+def test_a_stream_resumed_after_the_last_epoch_is_empty():
+    stream = data.training_stream(numbers_dataset(10), 10, 4, seed=1, first_epoch=2,
+                                  epochs=2, steps_per_epoch=3)
+    assert stream_batches(stream) == []
+
+
+def test_pass_seeds_differ_across_seeds_epochs_and_passes():
+    seeds = {data.pass_seed(seed, epoch, index)
+             for seed in range(3) for epoch in range(50) for index in range(3)}
+    assert len(seeds) == 3 * 50 * 3
+    assert all(0 <= seed < 2**31 - 1 for seed in seeds)
+
+
+# ------------------------------------------------------------------ unavailable datasets
 
 
 def assert_one_line_naming_digits(error):

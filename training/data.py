@@ -11,11 +11,15 @@ train, test, info = data.load("digits")
 train = data.batched(train, 64, shuffle=True, seed=0)
 test = data.batched(test, 64, shuffle=False)
 ```
+
+`training_stream` is the training program's stream of batches: epoch after epoch, each
+shuffled with seeds made of (seed, epoch), sharded across workers by data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import socket
@@ -32,7 +36,8 @@ DEFAULT_DATASET = "digits"
 # Public names of the project's own tfds builders; these prepare without a network.
 _OWN_BUILDERS = {"digits": digits_dataset.KerasbnDigits.name}
 _TEST_SPLITS = ("test", "validation")
-_SHUFFLE_BUFFER = 10_000
+# Examples a shuffle draws from: all of "digits", and enough to mix larger sets.
+SHUFFLE_BUFFER = 10_000
 _CONNECT_TIMEOUT_SECONDS = 5
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
 _MAX_REASON_CHARS = 200
@@ -155,7 +160,7 @@ def batched(
         dataset: An unbatched `tf.data.Dataset`, e.g. from `load()`.
         batch_size: Number of examples per batch, a positive integer.
         shuffle: Whether to shuffle, anew each epoch, through a buffer of
-            10,000 examples (all of "digits").
+            `SHUFFLE_BUFFER` examples.
         seed: The shuffle seed; the same seed gives the same orders in every
             run. None leaves them to TensorFlow's global seed
             (`tf.random.set_seed`), random when that is unset.
@@ -175,9 +180,98 @@ def batched(
     ):
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if shuffle:
-        dataset = dataset.shuffle(_SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.shuffle(SHUFFLE_BUFFER, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(int(batch_size), drop_remainder=drop_remainder)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def training_stream(
+    train: tf.data.Dataset,
+    num_examples: int,
+    batch_size: int,
+    seed: int,
+    first_epoch: int,
+    epochs: int,
+    steps_per_epoch: int,
+) -> tf.data.Dataset:
+    """The batches of epochs `first_epoch` .. `epochs - 1`, one after another.
+
+    Epoch e reads `steps_per_epoch` batches from passes over the training split, pass p
+    shuffled with `pass_seed(seed, e, p)` and batched by `batched` (the last partial
+    batch of a pass kept). What an epoch sees thus depends on the seed and e only: not
+    on the epochs before it in this process, nor on how often the dataset is iterated
+    (Keras iterates it once more to build a model under a strategy). A resumed run
+    continues with the very batches an uninterrupted one reads. Workers split each
+    batch (auto-sharding by data: a generated stream has no files to split).
+
+    Args:
+        train: the unbatched training split, e.g. from `load()`.
+        num_examples: the number of examples in `train`.
+        batch_size: the global batch size.
+        seed: the run's seed.
+        first_epoch: the 0-based epoch to start from (> 0 when resuming).
+        epochs: the number of epochs in all, counting those before `first_epoch`.
+        steps_per_epoch: batches per epoch.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` batches.
+    """
+    batches_per_pass = math.ceil(num_examples / batch_size)
+    buffer = min(num_examples, SHUFFLE_BUFFER)
+
+    def one_pass(epoch, index):
+        order = train.shuffle(buffer, seed=pass_seed(seed, epoch, index),
+                              reshuffle_each_iteration=False)
+        return batched(order, batch_size, shuffle=False)
+
+    def epoch_batches(epoch):
+        passes = math.ceil(steps_per_epoch / batches_per_pass)
+        return _joined([lambda p=p: one_pass(epoch, p) for p in range(passes)]).take(
+            steps_per_epoch)
+
+    epochs_left = [lambda e=e: epoch_batches(e) for e in range(first_epoch, epochs)]
+    if not epochs_left:
+        return _with_data_sharding(one_pass(first_epoch, 0).take(0))
+    return _with_data_sharding(_joined(epochs_left).prefetch(tf.data.AUTOTUNE))
+
+
+def pass_seed(seed: int, epoch: int, index: int) -> int:
+    """The shuffle seed of pass `index` of epoch `epoch` (both 0-based) under `seed`."""
+    return (seed * 1_000_003 + epoch * 1_009 + index) % (2**31 - 1)
+
+
+def examples_per_epoch(num_examples: int, batch_size: int,
+                       steps_per_epoch: int | None) -> int:
+    """Training examples one epoch of `training_stream` reads.
+
+    Args:
+        num_examples: the number of examples in the training split.
+        batch_size: the global batch size.
+        steps_per_epoch: batches per epoch; None for one pass.
+
+    Returns:
+        `num_examples` for one pass, else what `steps_per_epoch` batches of passes hold.
+    """
+    batches_per_pass = math.ceil(num_examples / batch_size)
+    if steps_per_epoch is None:
+        return num_examples
+    passes, extra = divmod(steps_per_epoch, batches_per_pass)
+    return passes * num_examples + extra * batch_size
+
+
+def _joined(makers):
+    """The datasets made by `makers`, concatenated as a balanced tree (shallow nesting)."""
+    if len(makers) == 1:
+        return makers[0]()
+    middle = len(makers) // 2
+    return _joined(makers[:middle]).concatenate(_joined(makers[middle:]))
+
+
+def _with_data_sharding(dataset):
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return dataset.with_options(options)
 
 
 def _builder(name, data_dir):
