@@ -144,8 +144,6 @@ def test_saved_model_reloads_with_identical_outputs(tmp_path, rng):
     ({"input_shape": ()}, "input_shape"),
     ({"num_classes": 1}, "num_classes"),
     ({"num_classes": 2.0}, "num_classes"),
-    ({"bn_momentum": 1.0}, "bn_momentum"),
-    ({"bn_momentum": -0.1}, "bn_momentum"),
 ])
 def test_bad_arguments_raise_one_clear_error(kwargs, argument):
     arguments = {"name": "resnet", "input_shape": INPUT_SHAPE, "num_classes": NUM_CLASSES,
@@ -155,6 +153,22 @@ def test_bad_arguments_raise_one_clear_error(kwargs, argument):
     message = str(error.value)
     assert "\n" not in message
     assert repr(arguments[argument]) in message
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1])
+def test_a_momentum_out_of_range_is_refused_by_the_kerasbn_layer_itself(momentum):
+    # build_model does not check it again: the layer is where its range is defined.
+    with pytest.raises(ValueError) as error:
+        models.build_model("mlp", INPUT_SHAPE, NUM_CLASSES, "kerasbn", bn_momentum=momentum)
+    message = str(error.value)
+    assert "BatchNormalization layer 'hidden1_bn'" in message
+    assert "argument `momentum`" in message and f"momentum={momentum!r}" in message
+
+
+def test_the_resnet_has_the_size_its_docstring_gives():
+    model = models.build_model("resnet", INPUT_SHAPE, NUM_CLASSES, "kerasbn")
+    assert model.count_params() == 78_426
+    assert "78,426 weights" in models.__doc__
 
 
 def test_numpy_integers_are_accepted_as_shapes_and_class_counts():

@@ -7,8 +7,7 @@
   the shortcut, → ReLU), each stage after the first halving the resolution with a
   strided convolution and a 1×1 projection (conv → BN) on the shortcut; global average
   pooling and a dense softmax. With the default widths (16, 32, 64), one block a stage,
-  it has 78,426 weights for 8×8×1 inputs and 10 classes; on "digits" it passes 97 %
-  test accuracy after 3 epochs (SGD with momentum, batch 64, batch-norm momentum 0.9).
+  it has 78,426 weights for 8×8×1 inputs and 10 classes.
 - "mlp": the network of the first experiment of Ioffe & Szegedy (2015, §4.1): three
   fully-connected hidden layers of 100 sigmoid units, batch norm before each
   nonlinearity, and a dense softmax.
@@ -19,13 +18,12 @@ have no bias (the norm's β is the bias); without batch norm ("none") they have 
 "kerasbn" and "keras" variants of a model have the same layers and the same weights in
 the same order, so `set_weights` copies one into the other; "none" has the same layers
 less the batch norms. The softmax layer computes in float32 under mixed precision.
+
+Importing this module does not import Keras or TensorFlow (the training program reads
+`MODELS` and `BATCH_NORMS` before TensorFlow may start); building a model does.
 """
 
 import numbers
-
-import keras
-
-import kerasbn
 
 MODELS = ("resnet", "mlp")
 BATCH_NORMS = ("kerasbn", "keras", "none")
@@ -49,7 +47,7 @@ def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
         synchronized: whether the batch norms compute their statistics over the
             global batch of all replicas (both "kerasbn" and "keras").
         bn_momentum: the batch norms' `momentum` (Keras's convention: the weight of
-            the old value in the moving averages), in [0, 1).
+            the old value in the moving averages), checked by the layer.
         bn_jit_compile: the `jit_compile` argument of the kerasbn layers (whether
             they run their math as XLA programs); ignored for "keras" and "none".
 
@@ -58,8 +56,11 @@ def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
         "resnet_kerasbn", outputting class probabilities.
 
     Raises:
-        ValueError: if `name`, `bn`, `input_shape` or `num_classes` is not allowed.
+        ValueError: if `name`, `bn`, `input_shape` or `num_classes` is not allowed, or
+            the batch-norm layer refuses `bn_momentum` (kerasbn's names `momentum`).
     """
+    import keras
+
     if name not in MODELS:
         raise ValueError(f"build_model: argument `name` must be one of {list(MODELS)}; "
                          f"received name={name!r}.")
@@ -80,12 +81,7 @@ def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
     if not _is_int(num_classes) or num_classes < 2:
         raise ValueError("build_model: argument `num_classes` must be an int >= 2; "
                          f"received num_classes={num_classes!r}.")
-    if (isinstance(bn_momentum, bool) or not isinstance(bn_momentum, (int, float))
-            or not 0.0 <= bn_momentum < 1.0):
-        raise ValueError("build_model: argument `bn_momentum` must be a number in [0, 1); "
-                         f"received bn_momentum={bn_momentum!r}.")
-    norm = _batch_norm_factory(bn, bool(synchronized), float(bn_momentum),
-                               bool(bn_jit_compile))
+    norm = _batch_norm_factory(bn, bool(synchronized), bn_momentum, bool(bn_jit_compile))
     builder = _resnet if name == "resnet" else _mlp
     inputs = keras.Input(tuple(int(d) for d in input_shape), name="images")
     outputs = builder(inputs, int(num_classes), norm)
@@ -98,6 +94,10 @@ def _is_int(value):
 
 def _batch_norm_factory(bn, synchronized, momentum, jit_compile):
     """A function name -> batch-norm layer, or None for "none"."""
+    import keras
+
+    import kerasbn
+
     if bn == "none":
         return None
     if bn == "keras":
@@ -108,6 +108,8 @@ def _batch_norm_factory(bn, synchronized, momentum, jit_compile):
 
 
 def _conv_bn(x, filters, kernel_size, strides, norm, name, relu=True):
+    import keras
+
     x = keras.layers.Conv2D(
         filters, kernel_size, strides=strides, padding="same", use_bias=norm is None,
         kernel_initializer="he_normal", name=f"{name}_conv",
@@ -120,6 +122,8 @@ def _conv_bn(x, filters, kernel_size, strides, norm, name, relu=True):
 
 
 def _residual_block(x, filters, strides, norm, name):
+    import keras
+
     shortcut = x
     y = _conv_bn(x, filters, 3, strides, norm, f"{name}_1")
     y = _conv_bn(y, filters, 3, 1, norm, f"{name}_2", relu=False)
@@ -131,6 +135,8 @@ def _residual_block(x, filters, strides, norm, name):
 
 
 def _resnet(inputs, num_classes, norm):
+    import keras
+
     x = _conv_bn(inputs, RESNET_WIDTHS[0], 3, 1, norm, "stem")
     for stage, filters in enumerate(RESNET_WIDTHS, start=1):
         for block in range(1, RESNET_BLOCKS_PER_STAGE + 1):
@@ -141,6 +147,8 @@ def _resnet(inputs, num_classes, norm):
 
 
 def _mlp(inputs, num_classes, norm):
+    import keras
+
     x = keras.layers.Flatten(name="flatten")(inputs)
     for i, units in enumerate(MLP_UNITS, start=1):
         x = keras.layers.Dense(units, use_bias=norm is None, name=f"hidden{i}")(x)
@@ -151,6 +159,8 @@ def _mlp(inputs, num_classes, norm):
 
 
 def _classifier(x, num_classes):
+    import keras
+
     # float32 under mixed precision: the softmax and the loss need the range.
     return keras.layers.Dense(num_classes, activation="softmax", dtype="float32",
                               name="predictions")(x)
