@@ -171,24 +171,36 @@ def test_statistics_exact_at_mean_over_std_1e4(mirrored_strategy, rng, shape, ax
     assert np.max(np.abs(y - ref_y)) < 2e-3  # float32 inputs at 1e4 carry 1e-3 rounding
 
 
-def test_masked_statistics_and_gradients(mirrored_strategy, rng):
+MASKED_LAYOUTS = [layout for layout in grids.LAYOUTS
+                  if layout in (((6, 5, 4), -1), ((5, 5), 1), ((6, 5, 4), [1, 3]),
+                                ((4, 4, 4), [1, 2]))]
+
+
+@pytest.mark.parametrize("kind", grids.MASK_KINDS)
+@pytest.mark.parametrize("shape,axis", MASKED_LAYOUTS,
+                         ids=[grids.layout_id(layout) for layout in MASKED_LAYOUTS])
+def test_masked_values_stay_out_of_the_global_statistics(mirrored_strategy, rng, shape,
+                                                         axis, kind):
+    """Keras's masks under synchronization: the statistics of the global unmasked values.
+
+    (Keras's own layer falls back to per-replica statistics when given a mask.)
+    """
     strategy = mirrored_strategy
-    full = (sum(UNEVEN), 6, 3)
+    full = (sum(UNEVEN),) + shape
     x = (1.0 + 2.0 * rng.standard_normal(full)).astype(np.float32)
     cot = rng.standard_normal(full).astype(np.float32)
-    mask = rng.uniform(size=full[:2]) < 0.7
-    mask[0, 0] = True
-    mask[-1, :] = False  # a replica's example that counts for nothing
+    mask = grids.random_mask(rng, full, kind)
     with strategy.scope():
-        layer = kerasbn.BatchNormalization(momentum=0.5, synchronized=True)
-        layer.build((None,) + full[1:])
+        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.5, synchronized=True)
+        layer.build((None,) + shape)
         _randomize(layer, rng)
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
     old_mean, old_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
     results = _replica_step(strategy, layer, _split(x, UNEVEN), _split(cot, UNEVEN),
                             _split(mask, UNEVEN))
-    reference_step = reference.train_step(x, mask[..., None], [2], gamma, beta, cot,
-                                     layer.epsilon)
+    reference_step = reference.train_step(
+        x, reference.keras_mask_weights(mask, full), reference.channel_axes(len(full), axis),
+        gamma, beta, cot, layer.epsilon)
     _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
 
 
@@ -489,6 +501,34 @@ def _assert_same_model(actual, expected, tolerance):
         assert a.name == b.name
         error = reference.relative_error(a.numpy(), b.numpy())
         assert error < tolerance, f"{a.path}: relative error {error}"
+
+
+def test_warm_up_counts_are_identical_on_every_replica_and_restored(mirrored_strategy, rng,
+                                                                     tmp_path):
+    strategy = mirrored_strategy
+    x, y = _batches(rng, 3, 8, input_shape=(4,), outputs=3)
+    with strategy.scope():
+        model = keras.Sequential([
+            keras.Input((4,)), keras.layers.Dense(3),
+            kerasbn.BatchNormalization(synchronized=True, momentum_warmup=True)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    bn = model.layers[1]
+    copies = _copies(bn.update_count)
+    assert len(copies) == NUM_REPLICAS
+    for copy in copies:
+        np.testing.assert_array_equal(copy, np.full(3, 3.0))
+    path = str(tmp_path / "warm.keras")
+    model.save(path)
+    with strategy.scope():
+        loaded = keras.models.load_model(path)
+    for copy in _copies(loaded.layers[1].update_count):
+        np.testing.assert_array_equal(copy, np.full(3, 3.0))
+    checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    bn.update_count.assign(np.zeros(3))
+    tf.train.Checkpoint(model=model).restore(checkpoint).assert_consumed()
+    for copy in _copies(bn.update_count):
+        np.testing.assert_array_equal(copy, np.full(3, 3.0))
 
 
 def test_fit_on_replicas_is_fit_on_one_device_with_the_global_batch(mirrored_strategy, rng):
