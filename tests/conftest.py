@@ -21,11 +21,19 @@ tf.config.set_logical_device_configuration(
 )
 
 
+SEED_VARIABLE = "KERASBN_TEST_SEED"
+
+
 @pytest.fixture
 def rng(request):
-    """A NumPy generator with a fresh seed each run; the seed is printed on failure."""
-    seed = np.random.SeedSequence().entropy % (2**32)
-    print(f"rng seed for {request.node.name}: {seed}")
+    """A NumPy generator with a fresh seed each run; the seed is printed on failure.
+
+    To replay a failure, run the test again with the printed seed:
+    `KERASBN_TEST_SEED=<seed> .venv/bin/python -m pytest tests/<file>::<test>`.
+    """
+    replay = os.environ.get(SEED_VARIABLE)
+    seed = int(replay) if replay else np.random.SeedSequence().entropy % (2**32)
+    print(f"rng seed for {request.node.name}: {seed} (replay: {SEED_VARIABLE}={seed})")
     return np.random.default_rng(seed)
 
 
