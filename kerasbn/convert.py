@@ -1,39 +1,43 @@
 """Swap the stock Keras BatchNormalization layers of a model for kerasbn's."""
 
-import warnings
+import inspect
 
 import keras
 
+from kerasbn import _graph
 from kerasbn.layer import BatchNormalization
 
-# Keras's layer and ours share these weights by name; ours may add none that Keras lacks.
-_WEIGHT_NAMES = ("gamma", "beta", "moving_mean", "moving_variance", "moving_stddev",
-                 "renorm_mean", "renorm_stddev")
 
-
-def convert_to_kerasbn(model, synchronized=True):
+def convert_to_kerasbn(model, synchronized=True, **layer_options):
     """Returns a copy of `model` whose batch norms are `kerasbn.BatchNormalization` layers.
 
     Every `keras.layers.BatchNormalization` (and every subclass of it) becomes a
     `kerasbn.BatchNormalization` with the same arguments (axis, momentum, epsilon,
     center, scale, initializers, regularizers, constraints, renorm settings, name,
-    dtype policy, trainable) and the same weights, with `synchronized` set as asked.
-    kerasbn layers already in the model keep their configuration and weights, except
-    `synchronized` (and `sync_group_size`, dropped when `synchronized=False`). Every
-    other layer is copied with its weights, so the copy computes exactly what the
-    original does, in inference and in training mode. This is Keras's counterpart of
-    PyTorch's `torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
+    dtype policy, trainable) and the same weights, with `synchronized` and
+    `layer_options` set as asked. kerasbn layers already in the model keep their
+    configuration and weights, except `synchronized` (and `sync_group_size`, dropped
+    when `synchronized=False`) and `layer_options`. Every other layer is copied with
+    its weights, so the copy computes exactly what the original does, in inference and
+    in training mode. This is Keras's counterpart of PyTorch's
+    `torch.nn.SyncBatchNorm.convert_sync_batchnorm`.
 
     Sequential and functional models are converted, with the Sequential and
-    functional models nested in them. The copy is a new, uncompiled model; the
-    original is left unchanged. To train the copy under a `tf.distribute` strategy,
-    call this function inside `strategy.scope()` so that the new variables are
-    created as distributed ones, then compile the copy.
+    functional models nested in them and the operations Keras records that are not
+    layers (`x + 3.0`, `keras.ops` calls, masks). The copy keeps the model's input,
+    layer and output names; it is compiled as the original was (as with
+    `keras.models.clone_model`), and the original is left unchanged. To train the copy
+    under a `tf.distribute` strategy, call this function inside `strategy.scope()` so
+    that the new variables are created as distributed ones, then compile the copy.
 
     Args:
         model: a `keras.Model` built with the Sequential or functional API.
         synchronized: the `synchronized` argument of every batch norm of the copy:
             True to compute statistics over the global batch of all replicas.
+        **layer_options: further arguments of `kerasbn.BatchNormalization` that
+            `keras.layers.BatchNormalization` does not have (for example
+            `bessel_correction=True` or `jit_compile=False`), given to every batch
+            norm of the copy. The layer's constructor checks them.
 
     Returns:
         A new `keras.Model`.
@@ -41,7 +45,9 @@ def convert_to_kerasbn(model, synchronized=True):
     Raises:
         TypeError: when `model` is not a `keras.Model`.
         ValueError: when `model` is a subclassed model, whose layers cannot be
-            replaced from outside.
+            replaced from outside; when a layer option is an argument of
+            `keras.layers.BatchNormalization` (which each layer keeps), is unknown to
+            `kerasbn.BatchNormalization`, or has a value it refuses.
 
     Example:
 
@@ -51,49 +57,29 @@ def convert_to_kerasbn(model, synchronized=True):
     ...     model = kerasbn.convert_to_kerasbn(base, synchronized=True)
     ...     model.compile(optimizer="sgd", loss="categorical_crossentropy")
     """
-    if not isinstance(model, keras.Model):
-        raise TypeError(
-            "convert_to_kerasbn: argument `model` must be a keras.Model (Sequential or "
-            f"functional); received model={model!r} of type {type(model).__name__}."
-        )
-    if not _is_graph_model(model):
-        raise ValueError(
-            "convert_to_kerasbn: argument `model` must be a Sequential or functional "
-            f"model; received the subclassed model {model.name!r} of type "
-            f"{type(model).__name__}, whose layers cannot be replaced from outside. "
-            "Build its batch norms with kerasbn.BatchNormalization(synchronized=...) "
-            "instead."
-        )
+    _graph.check_model(
+        model, "convert_to_kerasbn", built=False,
+        subclassed_hint="Build its batch norms with "
+                        "kerasbn.BatchNormalization(synchronized=...) instead.")
     synchronized = bool(synchronized)
-    pairs = []  # (original layer, its copy): the weights to carry over
+    _check_layer_options(synchronized, layer_options)
 
-    def clone_layer(layer):
-        copy = _converted(layer, synchronized)
-        pairs.append((layer, copy))
-        return copy
+    def replace(layer, path):
+        if not _graph.is_batch_norm(layer):
+            return None
+        config = layer.get_config()
+        config["synchronized"] = synchronized
+        if isinstance(layer, BatchNormalization) and not synchronized:
+            config["sync_group_size"] = None
+        config.update(layer_options)
+        return _graph.Replacement(BatchNormalization.from_config(config),
+                                  {weight.name: weight.numpy() for weight in layer.weights})
 
-    converted = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    for original, copy in pairs:
-        _copy_weights(original, copy)
-    missed = [
-        layer.name for layer in converted._flatten_layers(include_self=False)
-        if _is_keras_batch_norm(layer)
-    ]
-    if missed:
-        warnings.warn(
-            f"convert_to_kerasbn: the batch norms {missed} sit inside custom layers or "
-            "subclassed models, whose structure is not visible from outside; they were "
-            "copied unchanged.",
-            stacklevel=2,
-        )
+    converted = _graph.rebuild(model, replace, "convert_to_kerasbn")
+    _graph.warn_hidden_batch_norms(
+        converted, "convert_to_kerasbn", "batch norms", "they were copied unchanged.",
+        predicate=_is_keras_batch_norm)
     return converted
-
-
-def _is_graph_model(model):
-    """True for Sequential and functional models (the ones `clone_model` can rebuild)."""
-    return isinstance(model, keras.Sequential) or (
-        hasattr(model, "_operations") and hasattr(model, "_nodes_by_depth")
-    )
 
 
 def _is_keras_batch_norm(layer):
@@ -101,33 +87,26 @@ def _is_keras_batch_norm(layer):
             and not isinstance(layer, BatchNormalization))
 
 
-def _converted(layer, synchronized):
-    """The copy of one layer: a kerasbn batch norm for a batch norm, else a clone."""
-    if _is_keras_batch_norm(layer):
-        config = layer.get_config()
-        config["synchronized"] = synchronized
-        return BatchNormalization.from_config(config)
-    if isinstance(layer, BatchNormalization):
-        config = layer.get_config()
-        config["synchronized"] = synchronized
-        if not synchronized:
-            config["sync_group_size"] = None
-        return BatchNormalization.from_config(config)
-    return layer.__class__.from_config(layer.get_config())
+def _keras_arguments():
+    """The arguments of keras.layers.BatchNormalization and of every Keras layer."""
+    parameters = inspect.signature(keras.layers.BatchNormalization.__init__).parameters
+    return set(parameters) - {"self", "kwargs"} | {"name", "dtype", "trainable", "autocast"}
 
 
-def _copy_weights(original, copy):
-    if not original.weights:
+def _check_layer_options(synchronized, layer_options):
+    """Refuses Keras's own arguments; the constructor of a layer checks the rest."""
+    kept = sorted(set(layer_options) & _keras_arguments())
+    if kept:
+        raise ValueError(
+            f"convert_to_kerasbn: layer options must be arguments that only "
+            f"kerasbn.BatchNormalization has; received {kept[0]}={layer_options[kept[0]]!r}, "
+            "an argument of keras.layers.BatchNormalization, which every converted layer "
+            "keeps from the layer it replaces.")
+    if not layer_options:
         return
-    if isinstance(copy, BatchNormalization):
-        values = {w.name: w.numpy() for w in original.weights}
-        unknown = set(values) - set(_WEIGHT_NAMES)
-        if unknown:
-            raise ValueError(
-                f"convert_to_kerasbn: layer {original.name!r} has weights "
-                f"{sorted(unknown)} that kerasbn.BatchNormalization does not have."
-            )
-        for weight in copy.weights:
-            weight.assign(values[weight.name])
-        return
-    copy.set_weights(original.get_weights())
+    try:  # refused here even when the model has no batch norm
+        BatchNormalization(synchronized=synchronized, name="convert_to_kerasbn_options",
+                           **layer_options)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"convert_to_kerasbn: layer options {layer_options!r}: "
+                          f"{error}") from None

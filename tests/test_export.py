@@ -1,8 +1,8 @@
-"""kerasbn.export and training.export: folding, freezing, versioned SavedModels for serving.
+"""kerasbn.export and training.export: versioned SavedModels for serving.
 
-Folding is checked against the float64 formula of Algorithm 2 applied to the float32
-output of the layer before the norm; SavedModels are loaded back in fresh processes
-(the verification of `export_saved_model`, `saved_model_cli`, and a script of our own).
+SavedModels are loaded back in fresh processes (the verification of
+`export_saved_model`, `saved_model_cli`, and a script of our own) and compared with the
+model's inference outputs; folding itself is tested in test_fold.py.
 """
 
 import json
@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import types
+import zipfile
 from collections import Counter
 
 import keras
@@ -21,245 +22,13 @@ import tensorflow as tf
 import kerasbn
 import reference
 from kerasbn import export
+from test_fold import _batch_norm, _inference, _randomize_batch_norms
 from training import export as export_cli
 
 BATCH_STATISTICS_OPS = {"Mean", "Variance", "SquaredDifference", "FusedBatchNorm",
                         "FusedBatchNormV2", "FusedBatchNormV3"}
 TOLERANCE = 1e-5  # relative, float32
 SUBPROCESS_TIMEOUT = 180
-
-
-def _batch_norm(impl, **kwargs):
-    if impl == "kerasbn":
-        return kerasbn.BatchNormalization(jit_compile=False, **kwargs)
-    return keras.layers.BatchNormalization(**kwargs)
-
-
-def _randomize_batch_norms(model, rng):
-    """Non-trivial statistics, scales and offsets, so that folding has work to do."""
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, (kerasbn.BatchNormalization, keras.layers.BatchNormalization)):
-            shape = layer.moving_mean.shape
-            layer.moving_mean.assign(rng.normal(0.0, 2.0, shape))
-            layer.moving_variance.assign(rng.uniform(0.1, 3.0, shape))
-            if layer.scale:
-                layer.gamma.assign(rng.uniform(-2.0, 2.0, shape))
-            if layer.center:
-                layer.beta.assign(rng.normal(0.0, 1.0, shape))
-
-
-def _layer_types(model):
-    layers = model._flatten_layers(include_self=False)
-    return Counter(type(layer).__name__ for layer in layers)
-
-
-def _inference(model, x, compiled=False):
-    if compiled:  # TF's CPU kernels of Conv1D/Conv2D refuse channels_first; XLA's don't
-        return tf.function(lambda t: model(t, training=False), jit_compile=True)(x).numpy()
-    outputs = model(x, training=False)
-    if isinstance(outputs, (list, tuple)):
-        return [keras.ops.convert_to_numpy(t) for t in outputs]
-    return keras.ops.convert_to_numpy(outputs)
-
-
-# ------------------------------------------------------------------------ folding
-
-# (layer, input shape); filters 6 (depthwise: 4 channels × multiplier 2 = 8).
-def _foldable(kind, use_bias, data_format):
-    common = {"use_bias": use_bias, "bias_initializer": "random_normal"}
-    if kind == "Dense":
-        return keras.layers.Dense(6, **common), (3, 5)
-    common["data_format"] = data_format
-    last = data_format == "channels_last"
-    spatial = {"Conv1D": (7,), "Conv3D": (4, 4, 4)}.get(kind, (6, 6))
-    shape = spatial + (4,) if last else (4,) + spatial
-    layer = {
-        "Conv1D": lambda: keras.layers.Conv1D(6, 3, **common),
-        "Conv2D": lambda: keras.layers.Conv2D(6, 3, groups=2, **common),
-        "Conv3D": lambda: keras.layers.Conv3D(6, 2, **common),
-        "DepthwiseConv2D": lambda: keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
-                                                                **common),
-        "SeparableConv2D": lambda: keras.layers.SeparableConv2D(6, 3, depth_multiplier=2,
-                                                                **common),
-    }[kind]()
-    return layer, shape
-
-
-KINDS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2D", "SeparableConv2D", "Dense")
-FOLD_CASES = (
-    [(kind, "kerasbn", False, "channels_last", {}) for kind in KINDS]
-    + [(kind, "keras", True, "channels_last", {}) for kind in KINDS]
-    + [(kind, impl, bias, "channels_first", {}) for kind, impl, bias in (
-        ("Conv1D", "kerasbn", True), ("Conv2D", "keras", False), ("Conv3D", "keras", True),
-        ("DepthwiseConv2D", "kerasbn", False), ("SeparableConv2D", "keras", True))]
-    + [("Conv2D", "kerasbn", True, "channels_last", {"renorm": True}),
-       ("Dense", "keras", False, "channels_last", {"renorm": True}),
-       ("Conv2D", "kerasbn", False, "channels_last", {"axis": [-1], "center": False}),
-       ("Dense", "keras", True, "channels_last", {"scale": False, "epsilon": 0.1})]
-)
-
-
-def _case_id(case):
-    kind, impl, use_bias, data_format, bn_kwargs = case
-    extra = "-".join(f"{k}={v}" for k, v in bn_kwargs.items())
-    return "-".join(filter(None, (kind, impl, "bias" if use_bias else "nobias",
-                                  data_format, extra)))
-
-
-@pytest.mark.parametrize("kind,impl,use_bias,data_format,bn_kwargs", FOLD_CASES,
-                         ids=[_case_id(case) for case in FOLD_CASES])
-def test_fold_matches_algorithm_2_in_float64(kind, impl, use_bias, data_format, bn_kwargs,
-                                              rng):
-    layer, shape = _foldable(kind, use_bias, data_format)
-    axis = 1 if data_format == "channels_first" else -1
-    bn_kwargs = {"axis": axis, **bn_kwargs}
-    inputs = keras.Input(shape)
-    z = layer(inputs)
-    model = keras.Model(inputs, _batch_norm(impl, name="bn", **bn_kwargs)(z))
-    _randomize_batch_norms(model, rng)
-    bn = model.get_layer("bn")
-
-    folded, report = export.fold_batch_norms(model, return_report=True)
-
-    assert report.folded == [("bn", layer.name)] and report.frozen == []
-    assert _layer_types(folded) == Counter({"InputLayer": 1, type(layer).__name__: 1})
-    assert folded.get_layer(layer.name).use_bias
-    x = rng.normal(0.0, 1.0, (5,) + shape).astype("float32")
-    compiled = data_format == "channels_first"
-    mean = bn.moving_mean.numpy()
-    expected = reference.inference_forward(
-        _inference(keras.Model(inputs, z), x, compiled), bn.axis,
-        bn.gamma.numpy() if bn.scale else np.ones_like(mean),
-        bn.beta.numpy() if bn.center else np.zeros_like(mean),
-        mean, bn.moving_variance.numpy(), bn.epsilon)
-    assert reference.relative_error(_inference(folded, x, compiled), expected) < TOLERANCE
-    assert reference.relative_error(_inference(model, x, compiled), expected) < TOLERANCE
-
-
-def _unfoldable_model():
-    """Every reason a batch norm cannot fold, and one that can, in one graph."""
-    inputs = keras.Input((5, 5, 3), name="images")
-    x = _batch_norm("keras", name="bn_input")(inputs)
-    x = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv_relu")(x)
-    x = _batch_norm("kerasbn", name="bn_after_activation")(x)
-    x = keras.layers.ReLU(name="relu")(x)
-    x = _batch_norm("keras", name="bn_after_relu")(x)
-    shared = keras.layers.Conv2D(4, 1, name="conv_two_readers")(x)
-    x = _batch_norm("kerasbn", name="bn_two_readers")(shared)
-    x = keras.layers.Add(name="add")([x, shared])
-    x = keras.layers.Conv2D(4, 1, use_bias=False, name="conv_folded")(x)
-    x = _batch_norm("kerasbn", name="bn_folded")(x)
-    x = keras.layers.Conv2D(4, 1, name="conv_wrong_axis")(x)
-    x = _batch_norm("kerasbn", axis=[1, 3], name="bn_two_axes")(x)
-    x = keras.layers.Dense(3, name="dense")(x)
-    outputs = _batch_norm("keras", axis=1, renorm=True, name="bn_axis_1")(x)
-    return keras.Model(inputs, outputs)
-
-
-def test_batch_norms_that_cannot_fold_are_frozen_into_constants(rng):
-    model = _unfoldable_model()
-    _randomize_batch_norms(model, rng)
-
-    folded, report = export.fold_batch_norms(model, return_report=True)
-
-    assert report.folded == [("bn_folded", "conv_folded")]
-    reasons = dict(report.frozen)
-    assert list(reasons) == ["bn_input", "bn_after_activation", "bn_after_relu",
-                             "bn_two_readers", "bn_two_axes", "bn_axis_1"]
-    assert "model input" in reasons["bn_input"]
-    assert "'relu'" in reasons["bn_after_activation"]
-    assert "ReLU" in reasons["bn_after_relu"]
-    assert "also read" in reasons["bn_two_readers"]
-    assert "channel axis" in reasons["bn_two_axes"]
-    assert "channel axis" in reasons["bn_axis_1"]
-    types = _layer_types(folded)
-    assert types["FrozenAffine"] == 6 and "BatchNormalization" not in types
-    for name in reasons:
-        frozen, bn = folded.get_layer(name), model.get_layer(name)
-        assert not frozen.trainable_weights and not frozen.trainable
-        scale = (bn.gamma.numpy() if bn.scale else 1.0) / np.sqrt(
-            bn.moving_variance.numpy().astype(np.float64) + bn.epsilon)
-        np.testing.assert_allclose(frozen.scale.numpy(), scale, rtol=1e-6)
-        np.testing.assert_allclose(frozen.offset.numpy(),
-                                   bn.beta.numpy() - scale * bn.moving_mean.numpy(),
-                                   rtol=1e-5, atol=1e-6)
-    x = rng.normal(0.0, 1.0, (4, 5, 5, 3)).astype("float32")
-    assert reference.relative_error(_inference(folded, x), _inference(model, x)) < TOLERANCE
-
-
-def test_freeze_batch_norms_folds_nothing(rng):
-    model = _unfoldable_model()
-    _randomize_batch_norms(model, rng)
-    frozen, report = export.freeze_batch_norms(model, return_report=True)
-    assert report.folded == [] and len(report.frozen) == 7
-    assert _layer_types(frozen)["FrozenAffine"] == 7
-    x = rng.normal(0.0, 1.0, (4, 5, 5, 3)).astype("float32")
-    assert reference.relative_error(_inference(frozen, x), _inference(model, x)) < TOLERANCE
-
-
-def test_nested_models_sequential_top_level_and_keras_file(rng, tmp_path):
-    inner_sequential = keras.Sequential([
-        keras.Input((6, 6, 2)),
-        keras.layers.Conv2D(3, 3, name="inner_conv"),
-        _batch_norm("kerasbn", name="inner_bn"),
-        keras.layers.ReLU(),
-    ], name="block")
-    inner_inputs = keras.Input((48,))  # the block outputs 4×4×3
-    head = keras.layers.Dense(4, name="head")(inner_inputs)
-    inner_functional = keras.Model(inner_inputs, _batch_norm("keras", name="head_bn")(head),
-                                   name="head_model")
-    inputs = keras.Input((6, 6, 2))
-    x = keras.layers.Flatten()(inner_sequential(inputs))
-    x = _batch_norm("keras", name="outer_bn")(x)  # follows Flatten: frozen
-    functional = keras.Model(inputs, inner_functional(x))
-    sequential = keras.Sequential([
-        keras.Input((5,)),
-        keras.layers.Dense(4, name="d1"), _batch_norm("kerasbn", name="bn1"),
-        keras.layers.Activation("tanh"),
-        keras.layers.Dense(3, name="d2"), _batch_norm("keras", name="bn2"),
-    ], name="chain")
-    for model, shape in ((functional, (6, 6, 2)), (sequential, (5,))):
-        _randomize_batch_norms(model, rng)
-        folded, report = export.fold_batch_norms(model, return_report=True)
-        assert "BatchNormalization" not in _layer_types(folded)
-        assert type(folded) is type(model) and folded.name == model.name
-        x = rng.normal(0.0, 1.0, (4,) + shape).astype("float32")
-        expected = _inference(model, x)
-        assert reference.relative_error(_inference(folded, x), expected) < TOLERANCE
-        path = tmp_path / f"{model.name}.keras"
-        folded.save(path)
-        reloaded = keras.saving.load_model(path)
-        assert reference.relative_error(_inference(reloaded, x), expected) < TOLERANCE
-    assert report.folded == [("bn1", "d1"), ("bn2", "d2")]
-    _, report = export.fold_batch_norms(functional, return_report=True)
-    assert report.folded == [("block/inner_bn", "block/inner_conv"),
-                             ("head_model/head_bn", "head_model/head")]
-    assert [name for name, _ in report.frozen] == ["outer_bn"]
-
-
-def test_model_without_batch_norm_is_copied(rng):
-    inputs = keras.Input((6,))
-    hidden = keras.layers.Dense(5, activation="relu")(inputs)
-    model = keras.Model(inputs, keras.layers.Dense(2)(hidden))
-    folded, report = export.fold_batch_norms(model, return_report=True)
-    assert report.folded == [] and report.frozen == []
-    assert _layer_types(folded) == _layer_types(model)
-    assert all(a is not b for a, b in zip(folded.weights, model.weights))
-    x = rng.normal(0.0, 1.0, (3, 6)).astype("float32")
-    np.testing.assert_array_equal(_inference(folded, x), _inference(model, x))
-
-
-def test_fold_errors_name_the_argument():
-    class Subclassed(keras.Model):
-        def call(self, x):
-            return x
-
-    with pytest.raises(TypeError, match="argument `model` must be a keras.Model"):
-        export.fold_batch_norms("model.keras")
-    with pytest.raises(ValueError, match="subclassed model"):
-        export.fold_batch_norms(Subclassed())
-    with pytest.raises(ValueError, match="must be built"):
-        export.fold_batch_norms(keras.Sequential([keras.layers.Dense(2)]))
 
 
 # ------------------------------------------------------------------------ SavedModel
@@ -439,11 +208,11 @@ def test_verification_in_a_fresh_process_catches_a_wrong_export(exported, tmp_pa
     base = tmp_path / "tiny"
     real_fold = export.fold_batch_norms
 
-    def wrong_fold(model):
-        folded = real_fold(model)
+    def wrong_fold(model, **kwargs):
+        folded, report = real_fold(model, return_report=True)
         bias = folded.get_layer("conv").bias
         bias.assign(bias.numpy() + 0.5)  # a folding bug: every output moves
-        return folded
+        return (folded, report) if kwargs.get("return_report") else folded
 
     monkeypatch.setattr(export, "fold_batch_norms", wrong_fold)
     # Which outputs move beyond the tolerance depends on the random weights; each is named.
@@ -471,23 +240,113 @@ def test_export_argument_errors(exported, tmp_path, arguments, message):
     assert not (tmp_path / "tiny").exists() or os.listdir(tmp_path / "tiny") == []
 
 
-def test_export_dir_that_is_a_file_is_refused(exported, tmp_path):
+def test_export_dir_that_is_or_lies_under_a_file_is_refused(exported, tmp_path):
     model = exported.model
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError, match="`export_dir` must be a directory"):
+    with pytest.raises(ValueError, match=r"`export_dir` must be a directory .*, a file\."):
         export.export_saved_model(model, tmp_path / "file")
+    under = tmp_path / "file" / "tiny"
+    with pytest.raises(ValueError, match=r"`export_dir` must be a directory .*received "
+                                         rf"export_dir={re.escape(repr(str(under)))}, under "
+                                         rf"the file {re.escape(repr(str(tmp_path / 'file')))}"):
+        export.export_saved_model(model, under)
+
+
+def test_return_report_is_the_report_of_the_model_written(exported, tmp_path):
+    model = exported.model
+    path, report = export.export_saved_model(model, tmp_path / "tiny", verify=False,
+                                             return_report=True)
+    assert path == os.path.join(tmp_path / "tiny", "1")
+    assert report.folded == [("conv_bn", "conv"), ("dense_bn", "dense")]
+    assert report.frozen == [("relu_bn", "it follows 'relu' (ReLU), not a Conv/Dense")]
+    _, report = export.export_saved_model(model, tmp_path / "tiny", fold=False, verify=False,
+                                          return_report=True)
+    assert report.folded == [] and [reason for _, reason in report.frozen] == [
+        "folding disabled"] * 3
+
+
+def _load_signature(path):
+    return tf.saved_model.load(os.fspath(path)).signatures["serving_default"]
+
+
+def test_unnamed_input_is_served_as_inputs_whatever_the_process_built_before(tmp_path, rng):
+    for _ in range(3):  # Keras numbers unnamed inputs and tensors across the process
+        first = keras.Input((2,))
+        keras.Model(first, keras.layers.Dense(1)(first))
+    inputs = keras.Input((6, 6, 3))
+    x = _batch_norm("keras")(keras.layers.Conv2D(4, 3, use_bias=False)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    _randomize_batch_norms(model, rng)
+    converted = kerasbn.convert_to_kerasbn(model, synchronized=False)
+
+    for candidate, base in ((model, tmp_path / "stock"), (converted, tmp_path / "converted")):
+        path = export.export_saved_model(candidate, base, verify=False)
+        assert export.describe_signature(path) == {
+            "inputs": {export.DEFAULT_INPUT_NAME: ("float32", (None, 6, 6, 3))},
+            "outputs": {"dense": ("float32", (None, 2))}}
+    assert export.DEFAULT_INPUT_NAME == "inputs"
+    path = export.export_saved_model(converted, tmp_path / "named", input_name="pixels",
+                                     output_names=["logits"], verify=False)
+    served = _load_signature(path)
+    x = rng.normal(0.0, 1.0, (3, 6, 6, 3)).astype("float32")
+    assert reference.relative_error(served(pixels=tf.constant(x))["logits"],
+                                    _inference(model, x)) < TOLERANCE
+
+
+def test_default_output_names_dict_keys_and_generated_names(tmp_path):
+    inputs = keras.Input((4,), name="features")
+    first, second = keras.layers.Dense(2)(inputs), keras.layers.Dense(3)(inputs)
+    as_list = keras.Model(inputs, [first, second])
+    as_dict = keras.Model(inputs, {"scores": first, "embedding": second})
+    path = export.export_saved_model(as_list, tmp_path / "list", verify=False)
+    assert export.describe_signature(path)["outputs"] == {
+        "dense_0": ("float32", (None, 2)), "dense_1": ("float32", (None, 3))}
+    path = export.export_saved_model(as_dict, tmp_path / "dict", verify=False)
+    assert export.describe_signature(path) == {
+        "inputs": {"features": ("float32", (None, 4))},
+        "outputs": {"embedding": ("float32", (None, 3)), "scores": ("float32", (None, 2))}}
+
+
+def _embedding_model(with_batch_norm):
+    """Keras records the mask of Embedding(mask_zero=True) as an operation, not a layer."""
+    inputs = keras.Input((6,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(20, 8, mask_zero=True)(inputs)
+    x = keras.layers.Dense(5, name="dense")(x)
+    if with_batch_norm:
+        x = _batch_norm("keras", name="bn")(x)
+    x = keras.layers.GlobalAveragePooling1D()(keras.ops.tanh(x) + 1.0)
+    return keras.Model(inputs, keras.layers.Dense(3, name="scores")(x))
+
+
+@pytest.mark.parametrize("with_batch_norm", [True, False], ids=["bn", "no-bn"])
+def test_models_with_operations_that_are_not_layers_export(with_batch_norm, tmp_path, rng):
+    model = _embedding_model(with_batch_norm)
+    _randomize_batch_norms(model, rng)
+    path, report = export.export_saved_model(model, tmp_path / "text", verify=False,
+                                             return_report=True)
+    assert report.folded == ([("bn", "dense")] if with_batch_norm else [])
+    assert report.frozen == []
+    tokens = rng.integers(0, 20, (5, 6)).astype("int32")
+    tokens[:, 4:] = 0
+    served = _load_signature(path)(tokens=tf.constant(tokens))["scores"]
+    assert reference.relative_error(served, _inference(model, tokens)) < TOLERANCE
 
 
 # ------------------------------------------------------------------------ command line
 
-def test_command_line_exports_a_checkpoint(exported, tmp_path, capsys):
+def test_command_line_exports_a_checkpoint(exported, tmp_path, capsys, monkeypatch):
     model = exported.model
     checkpoint = tmp_path / "tiny.keras"
     model.save(checkpoint)
     out_dir = tmp_path / "saved_models"
     argv = ["--checkpoint", str(checkpoint), "--name", "tiny", "--out-dir", str(out_dir),
             "--no-verify"]
+    folds = []  # the report printed is that of the model exported: one fold, not two
+    real_fold = export.fold_batch_norms
+    monkeypatch.setattr(export, "fold_batch_norms",
+                        lambda *args, **kwargs: folds.append(1) or real_fold(*args, **kwargs))
     assert export_cli.main(argv) == 0
+    assert len(folds) == 1
     printed = capsys.readouterr().out
     assert f"to {os.path.join(out_dir, 'tiny', '1')}" in printed
     assert "input  pixels: float32 (None, 6, 6, 3)" in printed
@@ -502,16 +361,18 @@ def test_command_line_exports_a_checkpoint(exported, tmp_path, capsys):
     assert sorted(os.listdir(out_dir / "tiny")) == ["1", "2"]
 
 
+def _one_line_error(capsys, *phrases):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for phrase in phrases:
+        assert phrase in err, (phrase, err)
+    return err
+
+
 def test_command_line_errors_and_help(tmp_path, capsys):
     missing = str(tmp_path / "missing.keras")
     assert export_cli.main(["--checkpoint", missing, "--name", "m"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no such file" in err and missing in err
-    (tmp_path / "junk.keras").write_text("not a zip file")
-    junk = str(tmp_path / "junk.keras")
-    assert export_cli.main(["--checkpoint", junk, "--name", "m"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot load" in err
+    _one_line_error(capsys, "--checkpoint: no such file", missing)
     with pytest.raises(SystemExit) as exit_:
         export_cli.main(["--checkpoint", missing, "--name", ".hidden"])
     assert exit_.value.code == 2
@@ -522,6 +383,38 @@ def test_command_line_errors_and_help(tmp_path, capsys):
     for flag in ("--checkpoint", "--name", "--version", "--no-fold", "--no-verify",
                  "--out-dir"):
         assert flag in help_text
+
+
+def test_command_line_checkpoint_that_is_not_a_keras_file(tmp_path, capsys):
+    junk = tmp_path / "junk.keras"
+    junk.write_text("not a zip file")
+    assert export_cli.main(["--checkpoint", str(junk), "--name", "m"]) == 2
+    err = _one_line_error(capsys, f"--checkpoint: {str(junk)!r} is not a Keras file")
+    assert "not found" not in err and "no such file" not in err
+    assert export_cli.main(["--checkpoint", str(tmp_path), "--name", "m"]) == 2
+    _one_line_error(capsys, f"--checkpoint: {str(tmp_path)!r} is a directory")
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("notes.txt", "a zip, but not a Keras file")
+    assert export_cli.main(["--checkpoint", str(tmp_path / "other.keras"), "--name", "m"]) == 2
+    _one_line_error(capsys, "--checkpoint: cannot load", "config.json")
+
+
+def test_command_line_out_dir_that_is_a_file(tmp_path, capsys):
+    checkpoint = tmp_path / "tiny.keras"
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(checkpoint)
+    a_file = tmp_path / "saved_models"
+    a_file.write_text("")
+    for out_dir in (a_file, a_file / "deeper"):
+        argv = ["--checkpoint", str(checkpoint), "--name", "m", "--out-dir", str(out_dir)]
+        assert export_cli.main(argv) == 2
+        _one_line_error(capsys, f"--out-dir: {str(a_file)!r} is a file, not a directory")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m").write_text("")
+    argv = ["--checkpoint", str(checkpoint), "--name", "m", "--out-dir",
+            str(tmp_path / "models")]
+    assert export_cli.main(argv) == 2
+    _one_line_error(capsys, "--name: ", "is a file, not a directory")
+    assert a_file.read_text() == "" and (tmp_path / "models" / "m").read_text() == ""
 
 
 # ------------------------------------------------------------------------ fresh processes

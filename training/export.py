@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import sys
+import zipfile
 
 PROG = "python -m training.export"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -65,6 +66,10 @@ def build_parser():
     return parser
 
 
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def _fail(message, code):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -73,20 +78,22 @@ def _fail(message, code):
 def main(argv=None):
     """Runs the command line; returns the exit code (0 done, 1 export failed, 2 usage)."""
     args = build_parser().parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        return _fail(f"--checkpoint: no such file: {args.checkpoint!r}", 2)
+    problem = _checkpoint_problem(args.checkpoint) or _out_dir_problem(args.out_dir,
+                                                                       args.name)
+    if problem:
+        return _fail(problem, 2)
 
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    import kerasbn  # noqa: F401  (registers kerasbn.BatchNormalization for loading)
+    import kerasbn  # noqa: F401  (registers kerasbn's layers for loading)
 
     try:
         model = keras.saving.load_model(args.checkpoint, compile=False)
     except Exception as error:  # Keras raises many kinds for an unreadable file
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return _fail(f"--checkpoint: cannot load {args.checkpoint!r}: {first_line}", 2)
+        return _fail(f"--checkpoint: cannot load {args.checkpoint!r}: "
+                     f"{_first_line(error)}", 2)
 
     try:
         path, report = export_checkpoint(model, os.path.join(args.out_dir, args.name),
@@ -94,27 +101,47 @@ def main(argv=None):
                                          verify=args.verify)
     except FileExistsError as error:
         return _fail(f"--version: {error}", 2)
-    except (ValueError, TypeError, RuntimeError) as error:
-        return _fail(str(error), 1)
+    except (OSError, ValueError, TypeError, RuntimeError) as error:
+        return _fail(_first_line(error), 1)
     print(f"exported model {model.name!r} to {path}")
     print_summary(path, report)
     return 0
+
+
+def _checkpoint_problem(path):
+    """Why `path` cannot be a checkpoint to load, or None."""
+    if os.path.isdir(path):
+        return f"--checkpoint: {path!r} is a directory, not a .keras file"
+    if not os.path.isfile(path):
+        return f"--checkpoint: no such file: {path!r}"
+    if path.endswith(".keras") and not zipfile.is_zipfile(path):
+        return (f"--checkpoint: {path!r} is not a Keras file: a .keras file is a zip "
+                "archive (written by model.save), and this file is not one")
+    return None
+
+
+def _out_dir_problem(out_dir, name):
+    """Why OUT_DIR/NAME cannot hold versions, or None (it need not exist yet)."""
+    target = existing = os.path.join(out_dir, name)
+    while not os.path.exists(existing) and os.path.dirname(existing) not in ("", existing):
+        existing = os.path.dirname(existing)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        flag = "--name" if existing == target else "--out-dir"
+        return f"{flag}: {existing!r} is a file, not a directory"
+    return None
 
 
 def export_checkpoint(model, export_dir, *, version=None, fold=True, verify=True):
     """Exports `model` with `kerasbn.export.export_saved_model`.
 
     Returns:
-        `(path, report)`: the version directory written and the `FoldReport` of what
-        happened to each batch norm.
+        `(path, report)`: the version directory written and the `FoldReport` of the
+        model written there (what happened to each of its batch norms).
     """
     from kerasbn import export
 
-    rebuild = export.fold_batch_norms if fold else export.freeze_batch_norms
-    _, report = rebuild(model, return_report=True)
-    path = export.export_saved_model(model, export_dir, version=version, fold=fold,
-                                     verify=verify)
-    return path, report
+    return export.export_saved_model(model, export_dir, version=version, fold=fold,
+                                     verify=verify, return_report=True)
 
 
 def print_summary(path, report):
@@ -130,6 +157,7 @@ def print_summary(path, report):
           f"{len(report.frozen)} frozen")
     for bn, reason in report.frozen:
         print(f"  frozen {bn}: {reason}")
+
 
 if __name__ == "__main__":
     sys.exit(main())
