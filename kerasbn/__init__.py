@@ -18,7 +18,7 @@ if _keras.backend.backend() != "tensorflow":
 
 from kerasbn.layer import BatchNormalization  # noqa: E402
 from kerasbn.convert import convert_to_kerasbn  # noqa: E402
-from kerasbn import export  # noqa: E402  (also registers FrozenAffine for loading)
+from kerasbn import fold, export  # noqa: E402  (fold registers FrozenAffine for loading)
 
 __version__ = "0.1.0"
 __all__ = ["BatchNormalization", "convert_to_kerasbn", "export"]
