@@ -1,5 +1,7 @@
 """kerasbn.convert_to_kerasbn: every Keras batch norm swapped, weights and behavior kept."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -7,6 +9,7 @@ import tensorflow as tf
 
 import kerasbn
 import reference
+from kerasbn import _graph
 
 # Keras's arguments, all away from their defaults, that the converted layer must keep.
 KERAS_ARGUMENTS = {
@@ -24,15 +27,13 @@ KERAS_ARGUMENTS = {
 
 
 def _batch_norms(model, kind):
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if type(layer) is kind]
+    return [layer for layer in _graph.nested_layers(model) if type(layer) is kind]
 
 
 def _randomize_batch_norms(model, rng):
     """Random, non-trivial weights in every batch norm (moving statistics included)."""
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, keras.layers.BatchNormalization) or isinstance(
-                layer, kerasbn.BatchNormalization):
+    for layer in _graph.nested_layers(model):
+        if _graph.is_batch_norm(layer):
             for weight in layer.weights:
                 shape = tuple(weight.shape)
                 if "mean" in weight.name or weight.name == "beta":
@@ -232,3 +233,102 @@ def test_subclassed_models_are_refused_with_a_clear_error():
 
     with pytest.raises(ValueError, match="subclassed"):
         kerasbn.convert_to_kerasbn(Subclassed())
+
+
+# ------------------------------------------------------------------------ graphs holding operations
+
+def _hard_swish_model():
+    """The issue's model: Keras records `+ 3.0` as an operation, not a layer."""
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.BatchNormalization()(x) + 3.0
+    x = keras.ops.relu6(x) * keras.ops.sigmoid(x)
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+
+
+def _masked_text_model():
+    """Embedding(mask_zero=True): Keras hands the batch norm a mask made by an operation."""
+    inputs = keras.Input((7,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(30, 6, mask_zero=True)(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(5)(x))
+    x = keras.layers.GlobalAveragePooling1D()(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="scores")(x), name="text")
+
+
+@pytest.mark.parametrize("build", [_hard_swish_model, _masked_text_model],
+                         ids=["hard-swish", "embedding-mask"])
+def test_models_with_operations_that_are_not_layers(build, rng):
+    model = build()
+    _randomize_batch_norms(model, rng)
+    converted = kerasbn.convert_to_kerasbn(model, synchronized=False)
+
+    assert len(_batch_norms(converted, kerasbn.BatchNormalization)) == 1
+    assert not _batch_norms(converted, keras.layers.BatchNormalization)
+    # Names kept: the input layer's (Keras's generated one too), every layer's, outputs'.
+    assert _graph.input_layer_names(converted) == _graph.input_layer_names(model)
+    assert [layer.name for layer in converted.layers] == [layer.name for layer in model.layers]
+    assert converted.output_names == model.output_names and converted.name == model.name
+    if build is _masked_text_model:
+        x = rng.integers(1, 30, (16, 7)).astype("int32")
+        x[:8, 4:] = 0  # masked steps: left out of the statistics in training mode
+    else:
+        x = (rng.standard_normal((16, 8, 8, 3)) * 2 + 1).astype(np.float32)
+    _assert_same_outputs(model, converted, x, training=False, tolerance=1e-6)
+    _assert_same_outputs(model, converted, x, training=True, tolerance=1e-5)
+
+
+def test_model_without_batch_norm_converts_unchanged(rng):
+    inputs = keras.Input((5,), name="features")
+    x = keras.layers.Dense(4, activation="relu", name="hidden")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="out")(keras.ops.square(x) - 1.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = kerasbn.convert_to_kerasbn(model, bessel_correction=True)
+    assert not [w for w in caught if "convert_to_kerasbn" in str(w.message)]
+    assert [type(layer) for layer in converted.layers] == [type(layer) for layer in model.layers]
+    assert [layer.name for layer in converted.layers] == [layer.name for layer in model.layers]
+    assert _graph.input_layer_names(converted) == ["features"]
+    x = rng.standard_normal((6, 5)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(converted(x)), np.asarray(model(x)))
+
+
+# ------------------------------------------------------------------------ layer options
+
+def test_layer_options_reach_every_batch_norm(rng):
+    model = _nested_model()
+    converted = kerasbn.convert_to_kerasbn(model, synchronized=False, bessel_correction=True,
+                                           jit_compile=False)
+    layers = _batch_norms(converted, kerasbn.BatchNormalization)
+    assert len(layers) == 4  # three converted, and the kerasbn layer already there
+    assert all(layer.bessel_correction and not layer.jit_compile for layer in layers)
+
+    # The option acts: the moving variance moves toward the unbiased variance m/(m-1)·var.
+    inputs = keras.Input((3,))
+    dense = keras.layers.Dense(3, name="dense")
+    small = keras.Model(inputs, keras.layers.BatchNormalization(momentum=0.9, name="bn")(
+        dense(inputs)))
+    converted = kerasbn.convert_to_kerasbn(small, synchronized=False, bessel_correction=True)
+    x = (rng.standard_normal((5, 3)) * 3 + 2).astype(np.float32)
+    converted(x, training=True)
+    z = np.asarray(dense(x), np.float64)
+    count, _, variance = reference.moments(z, -1)
+    expected = reference.moving_average(np.ones(3), variance * count / (count - 1), 0.9)
+    np.testing.assert_allclose(converted.get_layer("bn").moving_variance.numpy(), expected,
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("options,error,message", [
+    ({"virtual_batch_sise": 8}, ValueError, r"virtual_batch_sise"),
+    ({"momentum": 0.5}, ValueError, r"received momentum=0.5, an argument of "
+                                    r"keras.layers.BatchNormalization"),
+    ({"name": "bn"}, ValueError, r"received name='bn', an argument of keras"),
+    ({"sync_group_size": 0}, ValueError, r"`sync_group_size` must be None or an int >= 1; "
+                                         r"received sync_group_size=0"),
+], ids=["unknown", "keras-argument", "name", "bad-value"])
+@pytest.mark.parametrize("with_batch_norm", [True, False], ids=["bn", "no-bn"])
+def test_layer_option_errors_name_the_option(options, error, message, with_batch_norm):
+    layers = [keras.Input((3,)), keras.layers.Dense(2)]
+    if with_batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    with pytest.raises(error, match=r"convert_to_kerasbn: .*" + message):
+        kerasbn.convert_to_kerasbn(keras.Sequential(layers), **options)
