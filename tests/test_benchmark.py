@@ -1,12 +1,14 @@
-"""End-to-end test of training/benchmark.py: `--quick` runs and writes what it promises.
+"""Tests of training/benchmark/: the harness on fake contenders, targets and tables on
+fixed numbers, the table of sections, the command line, and one quick run end to end.
 
-The program runs in a subprocess (it configures TensorFlow's devices and threads before
-TensorFlow starts, which this pytest process has already done its own way). Nothing
-here is about speed: only that every section produced positive times or was skipped
-with a reason, and that the JSON, the chart and the tables agree.
+Nothing here is about speed. The harness is tested with a fake clock that moves only
+when a fake contender runs, so every time it reports is known exactly. The quick run
+(`--quick --reps 1`) runs in a subprocess: the program configures TensorFlow's devices
+and threads before TensorFlow starts, which this pytest process has already done its
+own way.
 """
 
-import importlib.util
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,30 +18,315 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import benchmark
+from training.benchmark import cli, config, harness, optional, results, sections
+from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_SECONDS = 600  # the quick run takes under a minute on an idle 2-core machine
+TIMEOUT_SECONDS = 600  # about a minute on an idle 2-core machine; far more when it is busy
+
+
+# ------------------------------------------------------------------ the harness
+
+
+class FakeClock:
+    """A clock that moves only when a fake contender runs (by that call's cost) or the
+    harness sleeps (by a whole second, so that a pause inside a timed interval would
+    show as 1000 ms)."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+    def timing(self, reps, warmup):
+        return Timing(reps, warmup, settle_seconds=1.0, clock=self.clock, sleep=self.sleep)
+
+    def contender(self, name, costs_ms, fail_at=None):
+        """A callable whose i-th call costs costs_ms[i] (the last one once they run
+        out) and raises RuntimeError on call number `fail_at` (0-based)."""
+        count = [0]
+
+        def call():
+            i = count[0]
+            count[0] += 1
+            self.calls.append(name)
+            if i == fail_at:
+                raise RuntimeError(f"{name} broke")
+            self.now += costs_ms[min(i, len(costs_ms) - 1)] * 1e-3
+        return call
+
+
+def test_round_robin_times_only_the_call_that_follows_an_untimed_one():
+    fake, failures = FakeClock(), []
+    # One warmup call, then (untimed, timed) pairs: the warmup (100 ms) and the
+    # untimed calls (50 ms) must not show; c breaks on its first untimed call.
+    calls = {"a": fake.contender("a", [100, 50, 1, 50, 2, 50, 3]),
+             "b": fake.contender("b", [100, 50, 4]),
+             "c": fake.contender("c", [100], fail_at=1)}
+    times = harness.round_robin(calls, fake.timing(reps=3, warmup=1),
+                                on_error=lambda name, error: failures.append(name))
+    assert failures == ["c"] and set(times) == {"a", "b"}
+    assert times["a"] == pytest.approx([1e-3, 2e-3, 3e-3])
+    assert times["b"] == pytest.approx([4e-3, 4e-3, 4e-3])
+    # Warmup a, b, c; then repetition 0 in order (c dropped), 1 rotated by one, 2 not.
+    assert fake.calls == ["a", "b", "c", "a", "a", "b", "b", "c", "b", "b", "a", "a",
+                          "a", "a", "b", "b"]
+
+
+def test_round_robin_rotates_by_one_each_repetition():
+    fake = FakeClock()
+    calls = {name: fake.contender(name, [1]) for name in "abc"}
+    times = harness.round_robin(calls, fake.timing(reps=3, warmup=1), on_error=None)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert fake.calls[3:] == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a",
+                              "c", "c", "a", "a", "b", "b"]
+
+
+def test_measure_reports_medians_quartiles_and_ratios_of_known_costs(capsys):
+    fake, report = FakeClock(), Report()
+
+    def broken():
+        raise ValueError("cannot build\nsecond line")
+
+    contenders = [
+        # Timed calls (every second call after the warmup) cost 5, 1, 4, 2, 3 ms.
+        Contender("ours", OURS, lambda: fake.contender("ours", [9, 9, 5, 9, 1, 9, 4, 9, 2,
+                                                                9, 3])),
+        Contender("theirs", THEIRS, lambda: fake.contender("theirs", [6])),
+        Contender("copy", REFERENCE, lambda: fake.contender("copy", [0.5])),
+        Contender("broken", THEIRS, broken)]
+    group = harness.measure(report, "layer", "case 1", contenders,
+                            fake.timing(reps=5, warmup=1), params={"n": 1})
+    assert report.groups == [group]
+    assert group["section"] == "layer" and group["params"] == {"n": 1}
+    ours = group["contenders"]["ours"]
+    assert ours["role"] == OURS and ours["times_ms"] == pytest.approx([5, 1, 4, 2, 3])
+    assert (ours["median_ms"], ours["p25_ms"], ours["p75_ms"]) == pytest.approx((3, 2, 4))
+    assert group["contenders"]["theirs"]["median_ms"] == pytest.approx(6)
+    assert set(group["contenders"]) == {"ours", "theirs", "copy"}
+    # By default: every one of ours against every one of theirs, no reference.
+    assert [(r["numerator"], r["denominator"]) for r in group["ratios"]] == [("ours",
+                                                                              "theirs")]
+    assert group["ratios"][0]["ratio"] == pytest.approx(0.5)
+    assert report.skipped == [{"section": "layer", "contender": "broken (case 1)",
+                               "reason": "ValueError: cannot build"}]
+    assert "[layer] case 1" in capsys.readouterr().out
+
+
+def test_measure_keeps_only_the_pairs_asked_for_that_were_timed():
+    fake, report = FakeClock(), Report()
+    contenders = [Contender(name, role, lambda name=name, cost=cost: fake.contender(
+        name, [cost])) for name, role, cost in (("a", OURS, 2), ("b", OURS, 3),
+                                                ("c", THEIRS, 4))]
+    group = harness.measure(report, "sync", "case", contenders, fake.timing(2, 0),
+                            pairs=[("a", "b"), ("b", "c"), ("a", "missing")])
+    assert [(r["numerator"], r["denominator"], r["ratio"]) for r in group["ratios"]] \
+        == [("a", "b", pytest.approx(2 / 3)), ("b", "c", pytest.approx(0.75))]
+
+
+# ------------------------------------------------------------------ targets, tables
+
+
+def group(section, params, medians, roles=None):
+    """A comparison as `measure` records it, with the given medians (ms)."""
+    roles = roles or {}
+    return {"section": section, "case": f"{section} case", "params": params, "ratios": [],
+            "contenders": {name: {"role": roles.get(name, THEIRS), "median_ms": ms,
+                                  "p25_ms": ms, "p75_ms": ms, "times_ms": [ms]}
+                           for name, ms in medians.items()}}
+
+
+def test_targets_on_fixed_numbers():
+    report = Report()
+    ours = {"kerasbn": OURS, "kerasbn XLA": OURS}
+    report.groups = [
+        group("layer", {"shape_name": "NHWC", "mode": "training"},
+              {"kerasbn": 4.0, "kerasbn XLA": 5.0, "keras": 9.0, "keras XLA": 5.0,
+               "tf_keras": 6.0, "torch NCHW": 3.0, "torch channels-last": 2.0}, ours),
+        group("layer", {"shape_name": "NHWC", "mode": "inference"},
+              {"kerasbn": 1.0, "keras": 9.0}, ours),
+        group("layer", {"shape_name": "NCHW", "mode": "training"},
+              {"kerasbn": 1.0, "keras": 9.0}, ours),
+        group("layer", {"shape_name": "dense", "mode": "training"},  # no PyTorch
+              {"kerasbn": 3.0, "kerasbn XLA": 6.0, "keras": 2.0}, ours),
+        group("bandwidth", {}, {"kerasbn": 1.0}),
+        group("sync", {}, {"kerasbn sync": 11.5, "kerasbn": 10.0, "keras sync": 11.5,
+                           "keras": 9.0}),
+        group("resnet", {}, {"kerasbn": 10.0, "keras": 8.0}),  # no XLA pair
+        group("export", {"batch": 1}, {"kerasbn export folded": 4.0, "keras export": 5.0,
+                                       "keras export, stock BN": 4.8})]
+    found = [(c["target"], c["ratio"], c["limit"], c["met"])
+             for c in results.targets(report)]
+    assert found == [
+        ("layer training NHWC: kerasbn / fastest TensorFlow", pytest.approx(0.8), 0.8, True),
+        ("layer training NHWC: kerasbn / fastest PyTorch", pytest.approx(2.0), 1.0, False),
+        ("layer training dense: kerasbn / fastest TensorFlow", pytest.approx(1.5), 0.8,
+         False),
+        ("sync: kerasbn synchronized / unsynchronized", pytest.approx(1.15), 1.15, True),
+        # The one strict target: equal is not faster.
+        ("sync: kerasbn synchronized / Keras synchronized", pytest.approx(1.0), 1.0, False),
+        ("resnet step: kerasbn / keras", pytest.approx(1.25), 1.0, False),
+        ("export batch 1: folded / fastest Keras export", pytest.approx(4 / 4.8), 0.85,
+         True)]
+
+
+def test_add_bandwidth_on_fixed_numbers():
+    report = Report()
+    layer = group("layer", {"mode": "training", "bytes": 10**6},
+                  {"kerasbn": 4.0, "copy (numpy)": 0.5, "copy (tf)": 1.0},
+                  {"kerasbn": OURS, "copy (numpy)": REFERENCE, "copy (tf)": REFERENCE})
+    sections.add_bandwidth(report, layer)
+    (bandwidth,) = report.groups
+    # A copy moves 2 MB: 4 GB/s in 0.5 ms; the step moves 8 MB: 2 GB/s in 4 ms.
+    assert bandwidth["params"]["bytes_moved"] == 8 * 10**6
+    assert bandwidth["params"]["copy_gbps"] == pytest.approx(
+        {"copy (numpy)": 4.0, "copy (tf)": 2.0})
+    assert bandwidth["params"]["fastest_copy_gbps"] == pytest.approx(4.0)
+    assert bandwidth["contenders"] == {"kerasbn": {
+        "role": OURS, "median_ms": 4.0, "gbps": pytest.approx(2.0),
+        "fraction": pytest.approx(0.5)}}
+    sections.add_bandwidth(report, group("layer", {"mode": "inference", "bytes": 1},
+                                         {"kerasbn": 1.0}, {"kerasbn": OURS}))
+    assert len(report.groups) == 1
+    assert report.skipped[0]["reason"] == "no copy could be timed"
+
+
+def test_table_as_text_and_as_markdown():
+    rows = [("x", 1.0), ("long name", 0.12345)]
+    assert results.table(("a", "bb"), rows) == (
+        "a          bb\n"
+        "---------  -----\n"
+        "x          1.000\n"
+        "long name  0.123")
+    assert results.table(("a", "bb"), rows, markdown=True) == (
+        "| a | bb |\n"
+        "|---|---|\n"
+        "| x | 1.000 |\n"
+        "| long name | 0.123 |")
+
+
+def test_render_prints_ratios_targets_and_skips():
+    report = Report()
+    comparison = group("resnet", {}, {"kerasbn": 9.0, "keras": 10.0}, {"kerasbn": OURS})
+    comparison["contenders"]["keras"]["p75_ms"] = 12.5
+    comparison["ratios"] = [{"numerator": "kerasbn", "denominator": "keras", "ratio": 0.9}]
+    report.groups = [comparison]
+    report.skipped = [{"section": "layer", "contender": "torch", "reason": "not here"}]
+    assert results.render(report) == (
+        "\n"
+        "resnet: resnet case\n"
+        "contender  median ms  p25-p75 ms     kerasbn / it\n"
+        "---------  ---------  -------------  ------------\n"
+        "kerasbn    9.000      9.000-9.000\n"
+        "keras      10.000     10.000-12.500  0.900\n"
+        "\n"
+        "targets (kerasbn's fastest variant against the fastest contender of the kind "
+        "named)\n"
+        "target                        ratio  limit  met\n"
+        "----------------------------  -----  -----  ---\n"
+        "resnet step: kerasbn / keras  0.900  1.000  yes\n"
+        "\n"
+        "skipped\n"
+        "section  contender  reason\n"
+        "-------  ---------  --------\n"
+        "layer    torch      not here\n")
+
+
+# ------------------------------------------------------------------ config, sections, CLI
+
+
+def test_config_with_reps_and_as_json():
+    quick = config.QUICK.with_reps(2)
+    changed = {f.name for f in dataclasses.fields(quick)
+               if getattr(quick, f.name) != getattr(config.QUICK, f.name)}
+    assert changed == {"layer_reps", "sync_reps", "resnet_reps", "export_reps"}
+    assert quick.layer_reps == quick.sync_reps == quick.resnet_reps == \
+        quick.export_reps == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        quick.warmup = 5
+    document = json.loads(json.dumps(config.QUICK.to_json()))
+    assert list(document) == [
+        "layer_cases", "layer_reps", "sync_reps", "resnet_reps", "export_reps", "warmup",
+        "sync_batch", "sync_image", "sync_blocks", "resnet_batch", "resnet_image",
+        "resnet_xla", "export_batches", "export_all"]
+    assert document["layer_cases"] == [["NHWC", [16, 16, 16, 32], -1],
+                                       ["dense", [64, 256], -1],
+                                       ["NCHW", [16, 32, 16, 16], 1]]
+
+
+def test_a_registered_section_runs_once_in_table_order(monkeypatch):
+    ran = []
+
+    def record(name):
+        return lambda run: ran.append((name, run.sections))
+
+    table = {"layer": sections.Section(record("layer"), "the layer"),
+             "bandwidth": sections.Section(None, "from the layer", part_of="layer"),
+             "sync": sections.Section(record("sync"), "replicas", logical_devices=4),
+             "statistics": sections.Section(record("statistics"), "a new one")}
+    monkeypatch.setattr(sections, "SECTIONS", table)
+    monkeypatch.setattr(cli, "SECTIONS", table)
+    options = cli.parse_args(["--sections", "statistics,bandwidth,layer"])
+    assert options.sections == ("layer", "bandwidth", "statistics")
+    sections.run_sections(sections.Run(config.QUICK, options.sections,
+                                       np.random.default_rng(0), Report()))
+    assert [name for name, _ in ran] == ["layer", "statistics"]
+    assert sections.logical_devices(("bandwidth", "statistics")) == 1
+    assert sections.logical_devices(("sync", "layer")) == 4
+    assert sections.describe_sections().splitlines()[-1] == "  statistics a new one"
+
+
+def test_parse_args():
+    options = cli.parse_args(["--quick", "--sections", " export, layer ", "--reps", "2",
+                              "--out", "somewhere"])
+    assert options == cli.Options(quick=True, sections=("layer", "export"),
+                                  out="somewhere", reps=2)
+    assert options.config == config.QUICK.with_reps(2)
+    options = cli.parse_args([])
+    assert options.sections == tuple(sections.SECTIONS) and options.config is config.FULL
+    assert options.out.startswith(os.path.join("results", "bench-"))
+
+
+def test_help_and_bad_arguments(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in ("--quick", "--sections", "--out", "--reps"))
+    assert all(f"\n  {name:<10} " in text for name in sections.SECTIONS)
+    assert "How it measures:" in text and "Writes results.json" in text
+    for argv, word in ((["--sections", "layer,nonsense"], "nonsense"),
+                       (["--sections", ","], "--sections"),
+                       (["--reps", "0"], "--reps")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        assert word in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the quick run
 
 LAYER_CONTENDERS = ["kerasbn", "kerasbn XLA", "kerasbn jit_compile=False", "keras",
                     "keras XLA"]
 SYNC_CONTENDERS = ["kerasbn sync", "kerasbn", "keras sync", "keras"]
 EXPORT_CONTENDERS = ["kerasbn export folded", "keras export"]
-
-
-def installed(module):
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ImportError:  # a parent package is missing
-        return False
+DOCUMENT_KEYS = ["command", "started", "seconds", "quick", "sections", "config",
+                 "bytes_moved", "machine", "notes", "skipped", "groups", "ratios",
+                 "targets"]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    """`python -m training.benchmark --quick --reps 1`: (out dir, results.json, stdout)."""
     out = tmp_path_factory.mktemp("bench") / "out"
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     process = subprocess.run(
-        [sys.executable, "-m", "training.benchmark", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "training.benchmark", "--quick", "--reps", "1",
+         "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_SECONDS)
     assert process.returncode == 0, (
         f"exit {process.returncode}\nstdout:\n{process.stdout[-4000:]}\n"
@@ -51,156 +338,61 @@ def groups(document, section):
     return [g for g in document["groups"] if g["section"] == section]
 
 
-def skipped(document, section):
-    """Names of the contenders skipped in a section (without the "(case)" suffix)."""
-    return {s["contender"].split(" (")[0] for s in document["skipped"]
-            if s["section"] == section}
-
-
-def assert_timed(group, reps):
+def assert_timed(group, required, optional_names=(), skipped=()):
+    """`required` were timed once each, positive times; each of `optional_names` was
+    timed or skipped (by its name or its library's)."""
+    assert not set(required) - set(group["contenders"]), group["case"]
+    for name in optional_names:
+        assert name in group["contenders"] or name in skipped \
+            or name.split()[0] in skipped, (group["case"], name)
     for name, result in group["contenders"].items():
-        assert len(result["times_ms"]) == reps, (group["case"], name)
-        assert all(t > 0 for t in result["times_ms"]), (group["case"], name)
-        assert result["p25_ms"] <= result["median_ms"] <= result["p75_ms"]
+        assert len(result["times_ms"]) == 1 and result["times_ms"][0] > 0, name
+        assert result["p25_ms"] == result["median_ms"] == result["p75_ms"]
 
 
-def assert_contenders(document, group, required, optional=()):
-    """`required` were timed; each of `optional` was timed or skipped with a reason."""
-    present = set(group["contenders"])
-    assert not set(required) - present, (group["case"], document["skipped"])
-    # A library that is not installed is skipped once, by its name ("torch").
-    skipped_here = skipped(document, group["section"])
-    unexplained = [name for name in optional if name not in present
-                   and name not in skipped_here and name.split()[0] not in skipped_here]
-    assert not unexplained, (group["case"], unexplained, document["skipped"])
-
-
-def test_outputs_are_written_and_reported(quick_run):
+def test_quick_run_writes_and_prints_what_it_measured(quick_run):
     out, document, stdout = quick_run
+    assert list(document) == DOCUMENT_KEYS
     assert document["quick"] is True
-    assert "Ratios of medians" in stdout and str(out) in stdout
-    assert document["machine"]["cpu_model"] and document["machine"]["threads"] >= 1
-    assert document["machine"]["versions"]["tensorflow"]
+    assert document["sections"] == list(sections.SECTIONS)
+    assert document["config"] == json.loads(json.dumps(config.QUICK.with_reps(1).to_json()))
+    assert document["machine"]["threads"] >= 1 and document["machine"]["versions"]["keras"]
     assert all(s["reason"] for s in document["skipped"])
-    assert "| contender |" in (out / "results.md").read_text()
-    if installed("matplotlib"):
+    report = Report()
+    report.groups, report.skipped = document["groups"], document["skipped"]
+    assert results.render(report) in stdout
+    assert results.render(report, markdown=True) in (out / "results.md").read_text()
+    assert f"Results directory: {out}" in stdout
+    if optional.matplotlib is not None:
         assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
         assert "chart" in {s["section"] for s in document["skipped"]}
+    assert {t["target"].split(":")[0] for t in document["targets"]} >= {
+        "layer training NHWC", "sync", "resnet step", "export batch 1"}
 
 
-def test_every_section_ran_or_says_why(quick_run):
+def test_quick_run_timed_every_section(quick_run):
     _, document, _ = quick_run
-    for section in benchmark.SECTIONS:
-        said_why = any(s["section"] == section and s["contender"] == "all"
-                       for s in document["skipped"])
-        assert groups(document, section) or said_why, section
-    for section in ("layer", "bandwidth", "sync", "resnet"):
-        assert groups(document, section), section
-    if installed("kerasbn.export"):
-        assert groups(document, "export")
-
-
-def test_layer_section(quick_run):
-    _, document, _ = quick_run
-    cases = benchmark.QUICK["layer_cases"]
+    skipped = {s["contender"].split(" (")[0] for s in document["skipped"]}
     layer = groups(document, "layer")
-    assert {(g["params"]["shape_name"], g["params"]["mode"]) for g in layer} == {
-        (name, mode) for name, _, _ in cases for mode in ("training", "inference")}
-    for group in layer:
+    assert [(g["params"]["shape_name"], g["params"]["mode"]) for g in layer] == [
+        (case.name, mode) for case in config.QUICK.layer_cases
+        for mode in ("training", "inference")]
+    for g in layer:
         torch_names = (["torch NCHW", "torch channels-last"]
-                       if len(group["params"]["shape"]) == 4 else ["torch"])
-        assert_contenders(document, group, LAYER_CONTENDERS, ["tf_keras"] + torch_names)
-        for name in ("tf_keras", "torch"):
-            if installed(name):
-                assert any(n.startswith(name) for n in group["contenders"]), name
-        assert_timed(group, document["config"]["layer_reps"])
-        assert {(r["numerator"], r["denominator"]) for r in group["ratios"]} >= {
+                       if len(g["params"]["shape"]) == 4 else ["torch"])
+        assert_timed(g, LAYER_CONTENDERS, ["tf_keras"] + torch_names, skipped)
+        assert {(r["numerator"], r["denominator"]) for r in g["ratios"]} >= {
             ("kerasbn", "keras"), ("kerasbn XLA", "keras XLA")}
-
-
-def test_bandwidth_section(quick_run):
-    _, document, _ = quick_run
     bandwidth = groups(document, "bandwidth")
-    assert [g["case"] for g in bandwidth] == [g["case"] for g in groups(document, "layer")]
-    for group in bandwidth:
-        assert group["params"]["fastest_copy_gbps"] > 0
-        assert set(LAYER_CONTENDERS) <= set(group["contenders"])
-        for result in group["contenders"].values():
-            assert result["gbps"] > 0 and result["fraction"] > 0
-
-
-def test_sync_section(quick_run):
-    _, document, _ = quick_run
-    (group,) = groups(document, "sync")
-    assert group["params"]["replicas"] == benchmark.REPLICAS
-    assert_contenders(document, group, SYNC_CONTENDERS)
-    assert_timed(group, document["config"]["sync_reps"])
-    assert {(r["numerator"], r["denominator"]) for r in group["ratios"]} >= {
-        ("kerasbn sync", "kerasbn"), ("kerasbn sync", "keras sync")}
-
-
-def test_resnet_and_export_sections(quick_run):
-    _, document, _ = quick_run
-    for group in groups(document, "resnet"):
-        xla = ["kerasbn XLA", "keras XLA"] if document["config"]["resnet_xla"] else []
-        assert_contenders(document, group, ["kerasbn", "keras"] + xla)
-        assert_timed(group, document["config"]["resnet_reps"])
+    assert [g["case"] for g in bandwidth] == [g["case"] for g in layer]
+    assert all(r["fraction"] > 0 for g in bandwidth for r in g["contenders"].values())
+    (sync,) = groups(document, "sync")
+    assert sync["params"]["replicas"] == config.REPLICAS
+    assert_timed(sync, SYNC_CONTENDERS)
+    (resnet,) = groups(document, "resnet")
+    assert_timed(resnet, ["kerasbn", "keras"])
     export = groups(document, "export")
-    if export:
-        assert [g["params"]["batch"] for g in export] == \
-            list(document["config"]["export_batches"])
-    for group in export:
-        assert_contenders(document, group, EXPORT_CONTENDERS)
-        assert_timed(group, document["config"]["export_reps"])
-
-
-def test_ratios_and_targets_follow_from_the_medians(quick_run):
-    _, document, _ = quick_run
-    assert document["ratios"]
-    for row in document["ratios"]:
-        assert row["ratio"] == pytest.approx(row["numerator_ms"] / row["denominator_ms"])
-    assert document["targets"]
-    for check in document["targets"]:
-        assert check["met"] == (check["ratio"] < check["limit"] if "Keras synchronized"
-                                in check["target"] else check["ratio"] <= check["limit"])
-
-
-def test_round_robin_rotates_and_drops_a_failing_contender():
-    calls, failures = [], []
-
-    def failing():
-        raise RuntimeError("broken")
-
-    runs = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    runs["d"] = failing
-    times = benchmark.round_robin(runs, reps=3, warmup=1,
-                                  on_error=lambda name, e: failures.append(name))
-    assert failures == ["d"] and set(times) == {"a", "b", "c"}
-    assert all(len(t) == 3 and min(t) > 0 for t in times.values())
-    # Each timed call follows an untimed one of the same contender.
-    assert calls[3:] == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a",
-                         "c", "c", "a", "a", "b", "b"]
-
-
-def test_missing_export_module_skips_the_section(monkeypatch):
-    monkeypatch.setitem(sys.modules, "kerasbn.export", None)  # import raises ImportError
-    report = benchmark.Report()
-    benchmark.section_export(report, benchmark.QUICK, None, np.random.default_rng(0))
-    assert not report.groups and report.skipped
-    assert all(s["section"] == "export" and s["contender"] == "all" for s in report.skipped)
-    assert any("kerasbn.export" in s["reason"] for s in report.skipped)
-
-
-def test_help_and_bad_arguments(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    assert all(flag in text for flag in ("--quick", "--sections", "--out"))
-    for argv, word in ((["--sections", "layer,nonsense"], "nonsense"),
-                       (["--reps", "0"], "--reps")):
-        with pytest.raises(SystemExit) as exit_info:
-            benchmark.main(argv)
-        assert exit_info.value.code == 2
-        assert word in capsys.readouterr().err
+    assert [g["params"]["batch"] for g in export] == list(config.QUICK.export_batches)
+    for g in export:
+        assert_timed(g, EXPORT_CONTENDERS)
