@@ -1,5 +1,6 @@
 """kerasbn.BatchNormalization: the Keras layer (weights, config, modes, moving statistics)."""
 
+import collections.abc
 import numbers
 
 import keras
@@ -52,6 +53,13 @@ class BatchNormalization(keras.layers.Layer):
             m/(m-1)·var_B (PyTorch's convention, the paper's Algorithm 2).
         sync_group_size: with `synchronized=True`, share statistics within groups of
             this many consecutive replicas instead of across all of them.
+        virtual_batch_size: Ghost Batch Normalization (Hoffer, Hubara & Soudry, 2017):
+            in training, normalize each group of this many consecutive examples of the
+            batch with the group's own statistics (a last, smaller group with its own);
+            the moving statistics move toward the whole batch's, merged exactly from
+            the groups; inference ignores it. With `synchronized=True`, each replica
+            forms groups of its own examples and the moving statistics are the
+            global batch's. None for ordinary batch norm.
         momentum_warmup: let the moving averages start right: update t (counted
             from 0) uses the momentum min(momentum, t/(t+1)), so the first update
             replaces the initial values and the averages are the exact mean of the
@@ -65,6 +73,10 @@ class BatchNormalization(keras.layers.Layer):
             the backward pass) with XLA. These programs touch no variable and no
             collective, so they compile under every strategy, on CPUs too, where
             TensorFlow refuses to compile a whole multi-replica step.
+        fused: accepted for configs written by tf-keras, and ignored: kerasbn picks its
+            own kernels.
+        adjustment: accepted only as None (tf-keras configs carry it); a callable is
+            refused, see the error for what to do instead.
         **kwargs: base layer arguments (name, dtype, trainable, ...).
 
     Raises:
@@ -102,10 +114,14 @@ class BatchNormalization(keras.layers.Layer):
         bessel_correction=False,
         sync_group_size=None,
         momentum_warmup=False,
+        virtual_batch_size=None,
         jit_compile=True,
+        fused=None,
+        adjustment=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        self._refuse_adjustment(adjustment)
         self.supports_masking = True
         self.axis = self._validated_axis(axis)
         self.momentum = self._validated_momentum("momentum", momentum)
@@ -131,6 +147,7 @@ class BatchNormalization(keras.layers.Layer):
         self.bessel_correction = bool(bessel_correction)
         self.sync_group_size = self._validated_sync_group_size(sync_group_size)
         self.momentum_warmup = bool(momentum_warmup)
+        self.virtual_batch_size = self._validated_virtual_batch_size(virtual_batch_size)
         self.jit_compile = bool(jit_compile)
         self.gamma = None
         self.beta = None
@@ -169,7 +186,8 @@ class BatchNormalization(keras.layers.Layer):
     def _validated_renorm_clipping(self, clipping):
         if clipping is None:
             return {}
-        if not isinstance(clipping, dict) or set(clipping) - set(_RENORM_CLIPPING_KEYS):
+        if (not isinstance(clipping, collections.abc.Mapping)
+                or set(clipping) - set(_RENORM_CLIPPING_KEYS)):
             raise self._argument_error(
                 "renorm_clipping", clipping,
                 f"a dict with keys among {list(_RENORM_CLIPPING_KEYS)}",
@@ -183,6 +201,27 @@ class BatchNormalization(keras.layers.Layer):
         if dmax is not None and dmax < 0:
             raise self._argument_error("renorm_clipping", clipping, "dmax >= 0")
         return clipping
+
+    def _validated_virtual_batch_size(self, size):
+        if size is None:
+            return None
+        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+            raise self._argument_error("virtual_batch_size", size, "None or an int >= 1")
+        axes = self.axis if isinstance(self.axis, list) else [self.axis]
+        if 0 in axes:
+            raise self._argument_error(
+                "axis", self.axis,
+                f"free of the batch axis 0 when virtual_batch_size={size} (the groups "
+                "are formed along the batch axis)")
+        return int(size)
+
+    def _refuse_adjustment(self, adjustment):
+        if adjustment is not None:
+            raise self._argument_error(
+                "adjustment", adjustment,
+                "None: tf-keras's adjustment callable (a random per-batch rescaling of "
+                "the normalized values) is not supported; drop it from the config, or "
+                "apply the rescaling in a layer of your own after the batch norm")
 
     def _validated_sync_group_size(self, size):
         if size is None:
@@ -198,9 +237,15 @@ class BatchNormalization(keras.layers.Layer):
     def _channel_axes_for_rank(self, rank):
         """The channel axes, made non-negative and sorted, for inputs of `rank`."""
         try:
-            return ops.channel_axes(self.axis, rank)
+            axes = ops.channel_axes(self.axis, rank)
         except ops.AxisError as error:
             raise self._argument_error("axis", self.axis, error.allowed) from None
+        if self.virtual_batch_size is not None and 0 in axes:
+            raise self._argument_error(
+                "axis", self.axis,
+                f"free of the batch axis 0 for inputs of rank {rank} when "
+                f"virtual_batch_size={self.virtual_batch_size}")
+        return axes
 
     # ---------------------------------------------------------------- build
 
@@ -314,9 +359,13 @@ class BatchNormalization(keras.layers.Layer):
         return tf.reshape(outputs, tf.shape(inputs))
 
     def _normalize_with_batch_statistics(self, inputs, mask):
+        if self.virtual_batch_size is not None:
+            return self._normalize_in_virtual_batches(inputs, self._mask_weights(mask, inputs))
         layout = self._layout
         x = layout.view(inputs)
         weights = self._mask_weights(mask, inputs)
+        if weights is not None:
+            weights = layout.view(weights)
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
         if group is None:
             count, mean, variance = ops.moments(
@@ -326,15 +375,8 @@ class BatchNormalization(keras.layers.Layer):
             count, mean, variance = group.merge_moments(
                 *ops.shifted_moments(x, layout.axes, weights, compiled=self.jit_compile)
             )
-        gamma, beta = self._scale_and_offset(mean.dtype)
-        if self.renorm:
-            r, d = ops.renorm_correction(
-                mean, variance,
-                self._in_view(self.renorm_mean, mean.dtype),
-                self._in_view(self.renorm_stddev, mean.dtype),
-                epsilon=self.epsilon, **self.renorm_clipping,
-            )
-            gamma, beta = gamma * r, gamma * d + beta
+        gamma, beta = self._scaled_for_training(mean, variance, *self._scale_and_offset(
+            mean.dtype))
         outputs = ops.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes, shape=layout.shape,
@@ -345,13 +387,86 @@ class BatchNormalization(keras.layers.Layer):
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
         return tf.reshape(outputs, tf.shape(inputs))
 
+    def _scaled_for_training(self, mean, variance, gamma, beta):
+        """γ and β, with Batch Renormalization's r and d folded in when `renorm`."""
+        if not self.renorm:
+            return gamma, beta
+        r, d = ops.renorm_correction(
+            mean, variance, self._in_view(self.renorm_mean, mean.dtype),
+            self._in_view(self.renorm_stddev, mean.dtype),
+            epsilon=self.epsilon, **self.renorm_clipping)
+        return gamma * r, gamma * d + beta
+
+    # ---------------------------------------------------------------- ghost batches
+
+    def _normalize_in_virtual_batches(self, inputs, weights):
+        """Each group of `virtual_batch_size` examples normalized with its own statistics.
+
+        The batch is cut into full groups and, when the batch size is not a multiple
+        of k (or not known while tracing), a last group of the remaining examples
+        (possibly empty). The moving statistics move toward the whole batch's, merged
+        exactly from the groups (and across replicas when synchronized).
+        """
+        k = self.virtual_batch_size
+        size = tf.shape(inputs)[0]
+        head = (size // k) * k
+        parts = [(0, head, k)]
+        if inputs.shape[0] is None or inputs.shape[0] % k or inputs.shape[0] == 0:
+            parts.append((head, size - head, None))  # possibly empty: never no group
+        outputs, moments = [], []
+        for start, length, group_size in parts:
+            part = inputs[start:start + length] if len(parts) > 1 else inputs
+            part_weights = None if weights is None else (
+                weights[start:start + length] if len(parts) > 1 else weights)
+            y, part_moments = self._normalize_groups(part, part_weights, group_size)
+            outputs.append(y)
+            moments.append(part_moments)
+        shifted = [tf.concat(parts, axis=0) for parts in zip(*moments)]
+        batch = ops.merge_shifted_moments(*shifted)
+        group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
+        if group is None:
+            count, mean, variance = batch[0], batch[1] + batch[2], batch[3]
+        else:
+            count, mean, variance = group.merge_moments(*batch)
+        self._update_moving_statistics(
+            *(self._layout.to_channels(t) for t in (count, mean, variance)))
+        return outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=0)
+
+    def _normalize_groups(self, inputs, weights, group_size):
+        """Normalizes consecutive groups of `group_size` examples (None: one group).
+
+        Returns the output and the groups' shifted moments, each [groups, *channels]
+        in the view.
+        """
+        dims = tf.shape(inputs)
+        if group_size is None:
+            grouped_dims = tf.concat([[1], dims], axis=0)
+            static_groups = 1
+        else:
+            grouped_dims = tf.concat([[dims[0] // group_size, group_size], dims[1:]], 0)
+            static_groups = -1
+        layout = ops.Layout([static_groups, group_size] + list(inputs.shape[1:]),
+                            [0] + [axis + 1 for axis in self._channel_axes])
+        x = layout.view(tf.reshape(inputs, grouped_dims))
+        if weights is not None:
+            weights = layout.view(tf.reshape(weights, grouped_dims))
+        shifted = ops.shifted_moments(x, layout.axes, weights, compiled=self.jit_compile)
+        count, mean, variance = shifted[0], shifted[1] + shifted[2], shifted[3]
+        gamma, beta = (tf.broadcast_to(t, tf.shape(mean)) for t in self._scaled_for_training(
+            mean, variance, *self._scale_and_offset(mean.dtype)))
+        outputs = ops.normalize_for_training(
+            x, mean, variance, gamma, beta,
+            epsilon=self.epsilon, axes=layout.axes, shape=layout.shape,
+            count=count, mask=weights, compiled=self.jit_compile,
+        )
+        return tf.reshape(outputs, dims), shifted
+
     def _mask_weights(self, mask, inputs):
-        """A Keras mask as 0/1 weights for the view (see `ops.mask_weights`)."""
+        """A Keras mask as 0/1 weights of the input's shape (see `ops.mask_weights`)."""
         if mask is None:
             return None
         self._check_mask(mask, inputs)
-        dtype = ops.statistics_dtype(inputs.dtype)
-        return self._layout.view(ops.mask_weights(mask, inputs, dtype))
+        return ops.mask_weights(mask, inputs, ops.statistics_dtype(inputs.dtype))
 
     def _check_mask(self, mask, inputs):
         input_shape = tuple(inputs.shape)
@@ -437,6 +552,7 @@ class BatchNormalization(keras.layers.Layer):
             "bessel_correction": self.bessel_correction,
             "sync_group_size": self.sync_group_size,
             "momentum_warmup": self.momentum_warmup,
+            "virtual_batch_size": self.virtual_batch_size,
             "jit_compile": self.jit_compile,
         })
         return config

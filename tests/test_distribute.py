@@ -503,6 +503,37 @@ def _assert_same_model(actual, expected, tolerance):
         assert error < tolerance, f"{a.path}: relative error {error}"
 
 
+def test_virtual_batches_are_formed_per_replica_and_move_toward_the_global_batch(
+        mirrored_strategy, rng):
+    """Ghost batches with synchronized=True: each replica's groups from its own examples."""
+    strategy = mirrored_strategy
+    k, sizes = 3, [7, 0, 3, 5]
+    full = (sum(sizes), 4, 3)
+    x = (1.0 + 2.0 * rng.standard_normal(full)).astype(np.float32)
+    cot = rng.standard_normal(full).astype(np.float32)
+    with strategy.scope():
+        layer = kerasbn.BatchNormalization(momentum=0.5, synchronized=True,
+                                           virtual_batch_size=k)
+        layer.build((None,) + full[1:])
+        _randomize(layer, rng)
+    gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
+    old_mean, old_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    results = _replica_step(strategy, layer, _split(x, sizes), _split(cot, sizes))
+    for replica, (x_part, cot_part) in enumerate(zip(_split(x, sizes), _split(cot, sizes))):
+        for start in range(0, len(x_part), k):
+            group = slice(start, start + k)
+            ref_y, ref_dx, *_ = reference.train_step(x_part[group], None, [2], gamma, beta,
+                                                     cot_part[group], layer.epsilon)
+            assert reference.relative_error(results[replica][0][group], ref_y) < 1e-5
+            assert reference.relative_error(results[replica][1][group], ref_dx) < 1e-5
+    _, mean, var = reference.moments(x, [2])
+    for variable, old, new in ((layer.moving_mean, old_mean, mean),
+                               (layer.moving_variance, old_var, var)):
+        for copy in _copies(variable):
+            np.testing.assert_allclose(copy, reference.moving_average(old, new, 0.5),
+                                       rtol=1e-5, atol=1e-6)
+
+
 def test_warm_up_counts_are_identical_on_every_replica_and_restored(mirrored_strategy, rng,
                                                                      tmp_path):
     strategy = mirrored_strategy
