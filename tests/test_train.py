@@ -196,7 +196,7 @@ def test_help_explains_every_flag():
 
 @pytest.mark.parametrize("flags", [["--model", "vgg"], ["--bn", "batchnorm"],
                                    ["--epochs", "0"], ["--batch-size", "-1"],
-                                   ["--learning-rate", "0"], ["--bn-momentum", "1"],
+                                   ["--learning-rate", "0"], ["--bn-momentum", "high"],
                                    ["--mixed-precision", "float8"]])
 def test_bad_flags_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -225,6 +225,85 @@ def test_a_dataset_not_held_with_downloads_off_exits_2_naming_digits(tmp_path, c
     assert not os.path.exists(tmp_path / "run" / train.CHECKPOINT_NAME)
 
 
+def one_line_on_stderr(capfd):
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("batch_size, nearest", [(30, "28 or 32"), (3, "4")])
+def test_a_batch_that_does_not_split_across_the_replicas_is_refused_in_one_line(
+        batch_size, nearest, tmp_path, capfd):
+    # It used to print "7-8 per replica" and die in a TensorFlow traceback in fit.
+    out = tmp_path / "run"
+    code = train.run(["--replicas", "4", "--batch-size", str(batch_size), "--no-xla",
+                      "--out", os.fspath(out)])
+    assert code == train.EXIT_USAGE
+    line = one_line_on_stderr(capfd)
+    assert line.startswith(f"error: --batch-size {batch_size} ")
+    assert "--replicas 4" in line and "multiple of 4" in line and nearest in line
+    assert not out.exists()
+
+
+def test_the_replicas_of_a_cluster_are_checked_too():
+    train.check_batch_split(32, 4, "the replicas in sync")
+    with pytest.raises(train.UsageError, match="--batch-size 30 .* 4 replicas"):
+        train.check_batch_split(30, 4, "the replicas in sync")
+
+
+@pytest.mark.parametrize("below", ["", "sub"], ids=["the-file", "below-the-file"])
+def test_an_out_that_is_a_file_is_refused_in_one_line(below, tmp_path, capfd):
+    # It used to end in a FileExistsError or NotADirectoryError traceback.
+    existing = tmp_path / "a_file"
+    existing.write_text("keep me")
+    out = os.path.join(existing, below) if below else os.fspath(existing)
+    assert train.run(["--no-xla", "--out", out]) == train.EXIT_USAGE
+    line = one_line_on_stderr(capfd)
+    assert line.startswith(f"error: --out {out}: ") and "is a file" in line
+    assert existing.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("bn", ["kerasbn", "keras"])
+@pytest.mark.parametrize("momentum", ["1.5", "-0.1", "nan"])
+def test_a_momentum_the_layer_refuses_is_one_line_naming_the_flag(bn, momentum,
+                                                                 digits_data_dir,
+                                                                 tmp_path, capfd):
+    code = train.run(RUN_FLAGS + ["--bn", bn, "--bn-momentum", momentum, "--no-xla",
+                                  "--data-dir", digits_data_dir,
+                                  "--out", os.fspath(tmp_path)])
+    assert code == train.EXIT_USAGE
+    line = one_line_on_stderr(capfd)
+    # The flag, then the layer's own message: its argument and the value received.
+    assert line.startswith(f"error: --bn-momentum {float(momentum)}: ")
+    assert "`momentum`" in line and f"momentum={float(momentum)}" in line
+    assert not (tmp_path / train.CHECKPOINT_NAME).exists()
+
+
+def test_without_the_train_extra_one_line_names_it(tmp_path):
+    # TensorBoard missing used to end in a TBNotInstalledError traceback from fit.
+    program = ("import runpy, sys; sys.modules['tensorboard'] = None; "
+               "sys.argv = ['training.train', '--no-xla', '--out', sys.argv[1]]; "
+               "runpy.run_module('training.train', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", program, os.fspath(tmp_path / "run")],
+                          cwd=REPO, capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT_SECONDS)
+    assert done.returncode == train.EXIT_USAGE, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: tensorboard is not installed; training.train needs the train extra: "
+        "pip install -e '.[train]'"]
+    assert done.stdout == ""
+
+
+def test_names_that_moved_out_of_train_are_still_found_there():
+    from training import callbacks
+
+    assert train.training_stream is data.training_stream
+    assert train.pass_seed is data.pass_seed
+    assert train.TrainingInterrupted is callbacks.TrainingInterrupted
+    with pytest.raises(AttributeError, match="no_such_name"):
+        train.no_such_name  # noqa: B018
+
+
 def test_xla_with_cpu_replicas_is_refused_once_tensorflow_runs(digits_data_dir, tmp_path,
                                                                 capfd):
     # TensorFlow runs in this process, without auto-clustering: it can no longer be had.
@@ -233,54 +312,6 @@ def test_xla_with_cpu_replicas_is_refused_once_tensorflow_runs(digits_data_dir, 
     assert code == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fresh process" in err[0] and "TF_XLA_FLAGS" in err[0]
-
-
-# ------------------------------------------------------------------ data order
-
-
-def numbers_dataset(count):
-    return tf.data.Dataset.range(count).map(lambda i: (i, i % 7))
-
-
-def stream_batches(stream):
-    return [x.numpy().tolist() for x, _ in stream]
-
-
-def test_training_stream_keeps_the_last_partial_batch_and_reshuffles_each_epoch():
-    keras.utils.set_random_seed(0)
-    stream = train.training_stream(tf, numbers_dataset(10), 10, 4, seed=1, first_epoch=0,
-                                   epochs=2, steps_per_epoch=3)
-    batches = stream_batches(stream)
-    assert [len(b) for b in batches] == [4, 4, 2, 4, 4, 2]
-    first, second = batches[:3], batches[3:]
-    assert sorted(sum(first, [])) == list(range(10))
-    assert sorted(sum(second, [])) == list(range(10))
-    assert first != second
-    # Iterating again gives the same batches (Keras iterates once more under a strategy).
-    assert stream_batches(stream) == batches
-    # A run resumed at epoch 1 reads what the uninterrupted run read in epoch 1.
-    resumed = train.training_stream(tf, numbers_dataset(10), 10, 4, seed=1, first_epoch=1,
-                                    epochs=2, steps_per_epoch=3)
-    assert stream_batches(resumed) == second
-
-
-def test_training_stream_runs_over_passes_when_an_epoch_asks_for_more():
-    keras.utils.set_random_seed(0)
-    stream = train.training_stream(tf, numbers_dataset(10), 10, 4, seed=1, first_epoch=0,
-                                   epochs=1, steps_per_epoch=5)
-    batches = stream_batches(stream)
-    assert [len(b) for b in batches] == [4, 4, 2, 4, 4]
-    assert sorted(sum(batches[:3], [])) == list(range(10))
-    assert batches[3:] != batches[:2]  # the second pass is shuffled anew
-    assert train.examples_per_epoch(10, 4, 5) == 18 == sum(len(b) for b in batches)
-    assert train.examples_per_epoch(10, 4, None) == 10
-    assert train.examples_per_epoch(1437, 64, 22) == 1408
-
-
-def test_examples_per_second_uses_the_median_epoch_after_the_first():
-    assert train.examples_per_second(100, [60.0, 40.0, 1.0, 2.0]) == pytest.approx(50.0)
-    assert train.examples_per_second(100, [60.0, 2.0]) == pytest.approx(50.0)
-    assert train.examples_per_second(100, [4.0]) == pytest.approx(25.0)
 
 
 # ------------------------------------------------------------------ replicas, resumption

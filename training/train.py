@@ -21,20 +21,10 @@ Under --out (default runs/train/) it writes
                      interrupted run started again with the same --out resumes after the
                      last finished epoch, weights, optimizer and moving statistics included
 
-XLA (--xla, the default) compiles the training step in every configuration, but what
-is compiled depends on where the step runs (the line "xla: ..." at the start says which):
-
-    one device                      the whole step: model.compile(jit_compile=True)
-    several GPUs (MirroredStrategy) the whole step per replica, likewise
-    several CPU replicas or CPU     TensorFlow refuses to compile a whole multi-replica
-    workers                         step on CPUs, so XLA auto-clustering compiles the
-                                    step's ops in clusters around the cross-replica ones
-                                    (TF_XLA_FLAGS, set before TensorFlow starts), and each
-                                    kerasbn layer runs its math as XLA programs of its own
-
-Data order is a function of --seed and the epoch alone (epoch e reads the training split
-shuffled with seed (seed, e)), so a resumed run sees exactly the batches the
-uninterrupted one would have.
+What XLA compiles (--xla, the default) depends on where the step runs; the line
+"xla: ..." at the start says which (`training.runtime.plan_xla`, and the README's table).
+Data order is a function of --seed and the epoch alone (`training.data.training_stream`),
+so a resumed run sees exactly the batches the uninterrupted one would have.
 
 Python API: `main(argv) -> dict` runs the same program and returns its results. It sets
 up devices and XLA flags before TensorFlow initializes; called in a process where
@@ -45,18 +35,30 @@ several CPU replicas (auto-clustering can only be switched on before TensorFlow 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
+import dataclasses
+import importlib
+import importlib.util
 import math
 import os
-import re
 import shutil
 import sys
-import tempfile
 import time
 
-MODELS = ("resnet", "mlp")
-BATCH_NORMS = ("kerasbn", "keras", "none")
+from training import models
+from training.runtime import (
+    MULTI_WORKER,
+    ConfigurationError,
+    Task,
+    backed_up_epoch,
+    configure_runtime,
+    describe_devices,
+    make_strategy,
+    prepare_multi_worker_fit,
+    task_of,
+)
+
+MODELS = models.MODELS
+BATCH_NORMS = models.BATCH_NORMS
 MIXED_PRECISION = {"off": "float32", "float16": "mixed_float16",
                    "bfloat16": "mixed_bfloat16"}
 
@@ -66,28 +68,38 @@ LOGS_DIR = "logs"
 BACKUP_DIR = "backup"
 BATCH_NORM_LOGS = "batch_norm"
 MOMENTUM = 0.9
-SHUFFLE_BUFFER = 10_000
 # Evaluation batches: large, so that a small test split is one shape (one compilation).
 EVAL_BATCH_SIZE = 512
-
-# XLA auto-clustering on CPU: cluster every compilable op (level 2), on CPUs too.
-AUTO_JIT_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit")
+# Modules of the `train` extra (setup.cfg) that every run needs.
+TRAIN_EXTRA_MODULES = ("tensorboard",)
 
 EXIT_DATASET_UNAVAILABLE = 2
+EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
 
 FINAL_LINE_PREFIX = "final:"
 
+# Names that moved to modules importing TensorFlow, which this one may not import
+# before `configure_runtime` has run; still readable here, as they were.
+_MOVED = {
+    "TrainingInterrupted": "training.callbacks",
+    "batch_norm_layers": "training.callbacks",
+    "batch_norm_statistics": "training.callbacks",
+    "examples_per_second": "training.callbacks",
+    "examples_per_epoch": "training.data",
+    "pass_seed": "training.data",
+    "training_stream": "training.data",
+}
 
-class TrainingInterrupted(RuntimeError):
-    """Raised by `--interrupt-after-epoch`: training stopped as if the job were preempted.
 
-    The backup of the last finished epoch is in place; the same command resumes it.
-    """
+def __getattr__(name):
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ConfigurationError(RuntimeError):
-    """The requested devices or XLA arrangement cannot be had in this process."""
+class UsageError(ValueError):
+    """A flag value the run cannot use, or a missing dependency; the message is one line."""
 
 
 # ------------------------------------------------------------------ command line
@@ -105,76 +117,93 @@ def build_parser():
         "--out; an interrupted run started again with the same --out resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default="digits", metavar="NAME",
-                      help="tensorflow-datasets name of an image-classification dataset "
-                           "(digits, mnist, fashion_mnist, cifar10, ...). 'digits' "
-                           "(scikit-learn's 8x8 digits) is prepared offline; any other "
-                           "is read from --data-dir, or downloaded there by tfds")
-    data.add_argument("--data-dir", default=None, metavar="DIR",
-                      help="tfds data dir (default: $KERASBN_DATA_DIR, else tfds's "
-                           "default, ~/tensorflow_datasets)")
-    data.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                      help="let tensorflow-datasets download and prepare a dataset that "
-                           "--data-dir does not hold (digits never needs the network)")
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", choices=MODELS, default="resnet",
+    for add_group in (_data_flags, _model_flags, _training_flags, _device_flags,
+                      _output_flags):
+        add_group(parser)
+    return parser
+
+
+def _data_flags(parser):
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="digits", metavar="NAME",
+                       help="tensorflow-datasets name of an image-classification dataset "
+                            "(digits, mnist, fashion_mnist, cifar10, ...). 'digits' "
+                            "(scikit-learn's 8x8 digits) is prepared offline; any other "
+                            "is read from --data-dir, or downloaded there by tfds")
+    group.add_argument("--data-dir", default=None, metavar="DIR",
+                       help="tfds data dir (default: $KERASBN_DATA_DIR, else tfds's "
+                            "default, ~/tensorflow_datasets)")
+    group.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
+                       help="let tensorflow-datasets download and prepare a dataset that "
+                            "--data-dir does not hold (digits never needs the network)")
+
+
+def _model_flags(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", choices=MODELS, default="resnet",
                        help="resnet: a small residual network (3 stages of 16/32/64 "
                             "channels); mlp: 3 hidden layers of 100 sigmoid units "
                             "(Ioffe & Szegedy 2015, section 4.1)")
-    model.add_argument("--bn", choices=BATCH_NORMS, default="kerasbn",
+    group.add_argument("--bn", choices=BATCH_NORMS, default="kerasbn",
                        help="batch norm: kerasbn.BatchNormalization, "
                             "keras.layers.BatchNormalization, or none")
-    model.add_argument("--bn-momentum", type=_momentum, default=0.99, metavar="M",
+    group.add_argument("--bn-momentum", type=float, default=0.99, metavar="M",
                        help="momentum of the batch norms' moving statistics, Keras's "
                             "convention (the weight of the old value; PyTorch's momentum "
-                            "0.1 is 0.9 here). Lower it for short runs: with M the "
-                            "averages forget the initial values after about 3/(1-M) steps")
-    model.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
+                            "0.1 is 0.9 here), within the range kerasbn.BatchNormalization "
+                            "allows. Lower it for short runs: with M the averages forget "
+                            "the initial values after about 3/(1-M) steps")
+    group.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                        help="with several replicas, compute batch-norm statistics over "
                             "the global batch (synchronized=True); no effect on one device")
-    training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
-                          help="epochs to train (in total, counting resumed ones)")
-    training.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
-                          help="global batch size, split evenly across replicas; the "
-                               "last partial batch of an epoch is kept")
-    training.add_argument("--learning-rate", type=_positive_float, default=0.05,
-                          metavar="LR",
-                          help=f"learning rate of SGD with momentum {MOMENTUM}")
-    training.add_argument("--steps-per-epoch", type=_positive_int, default=None,
-                          metavar="N",
-                          help="batches per epoch (default: one pass over the training "
-                               "split); fewer for quick tests, more to repeat the data")
-    training.add_argument("--seed", type=int, default=0,
-                          help="seed of weights, dropout-free training and data order "
-                               "(keras.utils.set_random_seed)")
-    devices = parser.add_argument_group("devices and compilation")
-    devices.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
-                         help="train N replicas with MirroredStrategy: over N GPUs, or, "
-                              "with no GPU, over N logical devices the CPU is split into")
-    devices.add_argument("--multi-worker", action="store_true",
-                         help="train with MultiWorkerMirroredStrategy, one process per "
-                              "worker, the cluster read from the TF_CONFIG environment "
-                              "variable (see the README); --replicas is then ignored")
-    devices.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                         help="compile the training step with XLA: the whole step on one "
-                              "device or on GPUs; on several CPU replicas or workers, "
-                              "XLA auto-clustering plus kerasbn's compiled layer math. "
-                              "--no-xla compiles nothing")
-    devices.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="off",
-                         help="compute in float16 or bfloat16 with float32 weights "
-                              "(Keras mixed precision); batch-norm statistics stay float32")
-    output = parser.add_argument_group("output")
-    output.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                        help=f"where {CHECKPOINT_NAME}, {LOGS_DIR}/ (TensorBoard) and "
-                             f"{BACKUP_DIR}/ (resumption state) go")
-    output.add_argument("--interrupt-after-epoch", type=_positive_int, default=None,
-                        metavar="N",
-                        help="stop (exit code 3) once epoch N is finished and backed up, "
-                             "as if the job were preempted; run the same command without "
-                             "this flag to resume. For testing resumption")
-    return parser
+
+
+def _training_flags(parser):
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
+                       help="epochs to train (in total, counting resumed ones)")
+    group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+                       help="global batch size, a multiple of the replicas, split evenly "
+                            "across them; the last partial batch of an epoch is kept")
+    group.add_argument("--learning-rate", type=_positive_float, default=0.05, metavar="LR",
+                       help=f"learning rate of SGD with momentum {MOMENTUM}")
+    group.add_argument("--steps-per-epoch", type=_positive_int, default=None, metavar="N",
+                       help="batches per epoch (default: one pass over the training "
+                            "split); fewer for quick tests, more to repeat the data")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of weights, dropout-free training and data order "
+                            "(keras.utils.set_random_seed)")
+
+
+def _device_flags(parser):
+    group = parser.add_argument_group("devices and compilation")
+    group.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+                       help="train N replicas with MirroredStrategy: over N GPUs, or, "
+                            "with no GPU, over N logical devices the CPU is split into")
+    group.add_argument("--multi-worker", action="store_true",
+                       help="train with MultiWorkerMirroredStrategy, one process per "
+                            "worker, the cluster read from the TF_CONFIG environment "
+                            "variable (see the README); --replicas is then ignored")
+    group.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
+                       help="compile the training step with XLA: the whole step on one "
+                            "device or on GPUs; on several CPU replicas or workers, "
+                            "XLA auto-clustering plus kerasbn's compiled layer math. "
+                            "--no-xla compiles nothing")
+    group.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="off",
+                       help="compute in float16 or bfloat16 with float32 weights "
+                            "(Keras mixed precision); batch-norm statistics stay float32")
+
+
+def _output_flags(parser):
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                       help=f"where {CHECKPOINT_NAME}, {LOGS_DIR}/ (TensorBoard) and "
+                            f"{BACKUP_DIR}/ (resumption state) go")
+    group.add_argument("--interrupt-after-epoch", type=_positive_int, default=None,
+                       metavar="N",
+                       help="stop (exit code 3) once epoch N is finished and backed up, "
+                            "as if the job were preempted; run the same command without "
+                            "this flag to resume. For testing resumption")
 
 
 def _checked(convert, accepts, allowed):
@@ -192,7 +221,6 @@ def _checked(convert, accepts, allowed):
 
 
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_momentum = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
@@ -201,405 +229,134 @@ def parse_args(argv=None):
     return build_parser().parse_args(argv)
 
 
-# ------------------------------------------------------------------ runtime set-up
+# ------------------------------------------------------------------ checks
 
 
-def _gpus_expected():
-    """Whether this machine seems to have a usable GPU, found without starting TensorFlow.
-
-    Asking TensorFlow would initialize it, after which XLA's auto-clustering flags can no
-    longer be set. The answer is checked against TensorFlow's once it runs.
-    """
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return False
-    return any(os.path.exists(path) for path in ("/dev/nvidia0", "/dev/kfd"))
-
-
-def _multi_replica(args):
-    return args.multi_worker or args.replicas > 1
-
-
-def _set_auto_clustering(enabled):
-    """Adds (or removes) XLA auto-clustering in TF_XLA_FLAGS; read when TF initializes."""
-    tokens = [t for t in os.environ.get("TF_XLA_FLAGS", "").split()
-              if not t.startswith(("--tf_xla_auto_jit", "--tf_xla_cpu_global_jit"))]
-    if enabled:
-        tokens += list(AUTO_JIT_FLAGS)
-    if tokens:
-        os.environ["TF_XLA_FLAGS"] = " ".join(tokens)
-    else:
-        os.environ.pop("TF_XLA_FLAGS", None)
-
-
-def _auto_clustering_flags_set():
-    flags = os.environ.get("TF_XLA_FLAGS", "").split()
-    return all(flag in flags for flag in AUTO_JIT_FLAGS)
-
-
-def configure_runtime(args):
-    """Sets up devices and XLA before TensorFlow initializes; returns the arrangement.
-
-    Splits the CPU into `--replicas` logical devices when there is no GPU, and switches
-    XLA auto-clustering on (--xla with several CPU replicas or workers) or off.
-
-    Returns:
-        A dict: "strategy" ("default", "mirrored" or "multi_worker"), "devices" (names
-        for MirroredStrategy, or None), "on_gpu" (bool), "jit_compile" (the
-        model.compile argument), "bn_jit_compile" (kerasbn layers' jit_compile),
-        "auto_clustering" (bool) and "xla" (a sentence saying what is compiled).
+def check_flags(args):
+    """Refuses, before TensorFlow starts, what would otherwise end in a traceback.
 
     Raises:
-        ConfigurationError: when the devices or the XLA arrangement cannot be had
-            because TensorFlow was already initialized (or there are too few GPUs).
+        UsageError: a module of the `train` extra is missing, --batch-size does not
+            split evenly across --replicas, or --out cannot be a directory.
     """
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    want_auto_clustering = args.xla and _multi_replica(args) and not _gpus_expected()
-    # XLA reads TF_XLA_FLAGS once, when TensorFlow first looks at its devices.
-    started = _tensorflow_started()
-    flags_in_force = _auto_clustering_flags_set() if started else want_auto_clustering
-    if not started:
-        _set_auto_clustering(want_auto_clustering)
-    auto_clustering = flags_in_force
-
-    with _startup_noise_filtered():
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-
-    strategy, devices = "default", None
-    if args.multi_worker:
-        strategy = "multi_worker"
-    elif args.replicas > 1:
-        strategy = "mirrored"
-        if gpus:
-            if len(gpus) < args.replicas:
-                raise ConfigurationError(
-                    f"--replicas {args.replicas} needs {args.replicas} GPUs; this machine "
-                    f"has {len(gpus)}.")
-            devices = [f"/gpu:{i}" for i in range(args.replicas)]
-        else:
-            devices = _split_cpu(tf, args.replicas)
-    on_gpu = bool(gpus)
-
-    if not args.xla:
-        jit, bn_jit = False, False
-        xla = "off: nothing is compiled (model.compile(jit_compile=False), kerasbn " \
-              "layers with jit_compile=False, no auto-clustering)"
-        if auto_clustering:
-            xla += "; NOTE: XLA auto-clustering was already on in this process " \
-                   "(TF_XLA_FLAGS) and stays on"
-    elif strategy == "default" or on_gpu:
-        jit, bn_jit = True, True
-        where = {"default": "one device", "mirrored": f"{args.replicas} GPU replicas",
-                 "multi_worker": "GPU workers"}[strategy]
-        xla = (f"{where}: the whole training step is compiled "
-               "(model.compile(jit_compile=True): forward, backward and optimizer update "
-               "in one XLA program per replica)")
-        if auto_clustering:
-            xla += "; XLA auto-clustering is on as well (TF_XLA_FLAGS)"
-    else:
-        if not auto_clustering:
-            raise ConfigurationError(
-                "--xla with several CPU replicas or workers needs XLA auto-clustering, "
-                "which must be switched on before TensorFlow initializes: run "
-                "`python -m training.train` in a fresh process, or set TF_XLA_FLAGS="
-                f"\"{' '.join(AUTO_JIT_FLAGS)}\" before starting Python (or use --no-xla)")
-        jit, bn_jit = False, True
-        what = "workers" if strategy == "multi_worker" else f"{args.replicas} CPU replicas"
-        xla = (f"{what}: TensorFlow cannot compile a whole multi-replica step on CPUs, so "
-               f"XLA auto-clustering ({' '.join(AUTO_JIT_FLAGS)}) compiles the step in "
-               "clusters around the cross-replica ops"
-               + (" (the collectives stay outside: XLA has no CPU kernel for them)"
-                  if strategy == "multi_worker" else "")
-               + ", and each kerasbn layer runs its math as XLA programs "
-                 "(model.compile(jit_compile=False))")
-    if want_auto_clustering and on_gpu:
-        xla += "; NOTE: GPUs were found only after auto-clustering had been switched on"
-    return {"strategy": strategy, "devices": devices, "on_gpu": on_gpu,
-            "jit_compile": jit, "bn_jit_compile": bn_jit,
-            "auto_clustering": auto_clustering, "xla": xla}
+    missing = [name for name in TRAIN_EXTRA_MODULES if not _installed(name)]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} is not installed; training.train needs "
+                         "the train extra: pip install -e '.[train]'")
+    if not args.multi_worker:
+        check_batch_split(args.batch_size, args.replicas, f"--replicas {args.replicas}")
+    _check_directory("--out", args.out)
 
 
-# What TensorFlow's C++ start-up prints on a machine without a GPU, before its logging
-# is set up (so TF_CPP_MIN_LOG_LEVEL cannot hide it): dropped, everything else kept.
-_STARTUP_NOISE = re.compile(
-    r"^WARNING: All log messages before absl::InitializeLog\(\) is called"
-    r"|^[IWE]\d{4} [\d:.]+\s+\d+ (cudart_stub|cuda_platform|cuda_executor|cuda_diagnostics"
-    r"|cuda_fft|cuda_dnn|cuda_blas)\.cc:\d+\] .*(cuda drivers|cuInit|driver version"
-    r"|kernel driver|Unable to register|GPU will not be used)")
-
-
-@contextlib.contextmanager
-def _startup_noise_filtered():
-    """Drops TensorFlow's no-GPU start-up chatter from stderr (file descriptor 2)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode("utf-8", "replace")
-            kept = [line for line in text.splitlines() if not _STARTUP_NOISE.search(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
-
-
-def _tensorflow_started():
-    """Whether TensorFlow has looked at its devices (and so read TF_XLA_FLAGS) already."""
-    if "tensorflow" not in sys.modules:
-        return False
-    from tensorflow.python.eager import context
-
-    ctx = context.context()
-    # No public query exists; these are what list_physical_devices and the first op set.
-    return ctx._physical_devices is not None or ctx._initialized  # noqa: SLF001
-
-
-def _split_cpu(tf, replicas):
-    """Names of `replicas` logical CPU devices, splitting the CPU if TF has not started."""
-    cpu = tf.config.list_physical_devices("CPU")[0]
+def _installed(module):
     try:
-        tf.config.set_logical_device_configuration(
-            cpu, [tf.config.LogicalDeviceConfiguration()] * replicas)
-    except RuntimeError:
-        pass  # TensorFlow already runs: use the logical devices it has.
-    available = tf.config.list_logical_devices("CPU")
-    if len(available) < replicas:
-        raise ConfigurationError(
-            f"--replicas {replicas} needs {replicas} logical CPU devices, but TensorFlow "
-            f"was initialized with {len(available)} before the CPU could be split; run "
-            "`python -m training.train` in a fresh process")
-    return [device.name for device in available[:replicas]]
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
-# TensorFlow numbers the collectives of every MirroredStrategy from the same keys (group 1,
-# instance 100, ...). A second strategy over the same devices in one process (main()
-# called again, or after other code made one) would then reuse the keys of different
-# collectives, and TensorFlow aborts them ("Shape mismatch in the collective instance
-# 100"). Each strategy made here starts its group keys past those of the ones before, as
-# TensorFlow's own tests do.
-_COLLECTIVE_KEYS_PER_STRATEGY = 100_000
+def check_batch_split(batch_size, replicas, source):
+    """Refuses a global batch that does not split evenly across the replicas.
 
+    TensorFlow distributes a global batch in equal shares; Keras's `fit` fails on the
+    first batch otherwise.
 
-def _make_strategy(tf, runtime):
-    if runtime["strategy"] == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if runtime["strategy"] == "mirrored":
-        tf.distribute.MirroredStrategy._collective_key_base += (  # noqa: SLF001
-            _COLLECTIVE_KEYS_PER_STRATEGY)
-        return tf.distribute.MirroredStrategy(runtime["devices"])
-    return tf.distribute.get_strategy()
+    Args:
+        batch_size: --batch-size.
+        replicas: the replicas in sync.
+        source: where `replicas` comes from, for the message ("--replicas 4").
 
-
-def _is_chief(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    cluster = resolver.cluster_spec().as_dict()
-    if resolver.task_type == "chief":
-        return True
-    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
-
-
-def _task_name(strategy):
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return None
-    return f"{resolver.task_type}_{resolver.task_id}"
-
-
-# ------------------------------------------------------------------ data
-
-
-def examples_per_epoch(num_examples, batch_size, steps_per_epoch):
-    """Training examples one epoch reads: a pass, or `steps_per_epoch` batches of passes."""
-    batches_per_pass = math.ceil(num_examples / batch_size)
-    if steps_per_epoch is None:
-        return num_examples
-    passes, extra = divmod(steps_per_epoch, batches_per_pass)
-    return passes * num_examples + extra * batch_size
-
-
-def examples_per_second(examples_in_epoch, epoch_seconds):
-    """Training speed of a typical epoch: examples / the median epoch time.
-
-    The first epoch is left out when there are others: it includes tracing and XLA
-    compilation. The median leaves out later one-off compilations too (a new shape,
-    such as the last partial batch, compiles when it comes back in the next epoch).
+    Raises:
+        UsageError: `batch_size` is not a multiple of `replicas`.
     """
-    timed = sorted(epoch_seconds[1:] or epoch_seconds)
-    if not timed:
-        return float("nan")
-    middle = len(timed) // 2
-    median = timed[middle] if len(timed) % 2 else (timed[middle - 1] + timed[middle]) / 2
-    return examples_in_epoch / median if median > 0 else float("nan")
+    if batch_size % replicas:
+        below = batch_size - batch_size % replicas
+        nearest = f"{below} or {below + replicas}" if below else str(replicas)
+        raise UsageError(f"--batch-size {batch_size} does not split evenly across "
+                         f"{replicas} replicas ({source}): use a multiple of {replicas}, "
+                         f"such as {nearest}")
 
 
-def training_stream(tf, train, num_examples, batch_size, seed, first_epoch, epochs,
-                    steps_per_epoch):
-    """The batches of epochs `first_epoch` .. `epochs - 1`, one after another.
+def _check_directory(flag, path):
+    """Refuses `path` when it, or the nearest existing directory above it, is a file."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory; "
+                         "name a directory (it is made if missing)")
 
-    Epoch e reads `steps_per_epoch` batches from passes over the training split, pass p
-    shuffled with a seed made of (seed, e, p) and batched by `data.batched` (the last
-    partial batch of a pass kept). What an epoch sees thus depends on the seed and e
-    only: not on the epochs before it in this process, nor on how often the dataset
-    is iterated (Keras iterates it once more to build a model under a strategy). A
-    resumed run continues with the very batches an uninterrupted one reads.
+
+def _make_directory(flag, path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"{flag}: cannot make the directory {path}: "
+                         f"{error.strerror or error}") from None
+
+
+def check_bn_momentum(momentum):
+    """Refuses a --bn-momentum the batch-norm layer refuses, whatever --bn is.
+
+    The allowed range is `kerasbn.BatchNormalization`'s; Keras's stock layer checks
+    nothing, so the flag is checked against kerasbn's layer for every --bn.
+
+    Raises:
+        UsageError: the layer refuses `momentum` (its message, after the flag).
     """
-    from training import data
-
-    batches_per_pass = math.ceil(num_examples / batch_size)
-    buffer = min(num_examples, SHUFFLE_BUFFER)
-
-    def one_pass(epoch, index):
-        order = train.shuffle(buffer, seed=pass_seed(seed, epoch, index),
-                              reshuffle_each_iteration=False)
-        return data.batched(order, batch_size, shuffle=False)
-
-    def epoch_batches(epoch):
-        passes = math.ceil(steps_per_epoch / batches_per_pass)
-        return _joined([lambda p=p: one_pass(epoch, p) for p in range(passes)]).take(
-            steps_per_epoch)
-
-    epochs_left = [lambda e=e: epoch_batches(e) for e in range(first_epoch, epochs)]
-    if not epochs_left:
-        return _with_data_sharding(tf, one_pass(first_epoch, 0).take(0))
-    return _with_data_sharding(tf, _joined(epochs_left).prefetch(tf.data.AUTOTUNE))
-
-
-def _joined(makers):
-    """The datasets made by `makers`, concatenated as a balanced tree (shallow nesting)."""
-    if len(makers) == 1:
-        return makers[0]()
-    middle = len(makers) // 2
-    return _joined(makers[:middle]).concatenate(_joined(makers[middle:]))
-
-
-def pass_seed(seed, epoch, index):
-    """The shuffle seed of pass `index` of epoch `epoch` (both 0-based) under --seed."""
-    return (seed * 1_000_003 + epoch * 1_009 + index) % (2**31 - 1)
-
-
-def _with_data_sharding(tf, dataset):
-    # Workers split the batches (DATA); a generated stream has no files to split.
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
-    return dataset.with_options(options)
-
-
-# ------------------------------------------------------------------ callbacks
-
-
-def _callbacks_module():
-    import keras
-    import tensorflow as tf
-
-    class EpochTimer(keras.callbacks.Callback):
-        """Wall time of each epoch's training steps (no evaluation, no saving)."""
-
-        def __init__(self):
-            super().__init__()
-            self.seconds = []
-
-        def on_epoch_begin(self, epoch, logs=None):
-            self._start = time.perf_counter()
-            self._last = self._start
-
-        def on_train_batch_end(self, batch, logs=None):
-            self._last = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.seconds.append(self._last - self._start)
-
-    class BatchNormStatistics(keras.callbacks.Callback):
-        """Writes each batch-norm layer's moving statistics to TensorBoard every epoch.
-
-        For every kerasbn or Keras `BatchNormalization` layer, histograms of
-        `moving_mean` and `moving_variance` over the channels and scalars of their
-        channel means, under `<layer name>/...`, at step = epoch (as Keras's own
-        TensorBoard callback counts epochs).
-
-        Args:
-            log_dir: directory of the summaries (a `tf.summary` file writer), or None
-                to read the statistics without writing them (non-chief workers: the
-                read may be a collective every worker must join).
-        """
-
-        def __init__(self, log_dir):
-            super().__init__()
-            self.log_dir = log_dir
-            self._writer = None
-
-        def on_train_begin(self, logs=None):
-            if self.log_dir is not None and self._writer is None:
-                self._writer = tf.summary.create_file_writer(self.log_dir)
-
-        def on_epoch_end(self, epoch, logs=None):
-            statistics = batch_norm_statistics(self.model)
-            if self._writer is None:
-                return
-            with self._writer.as_default(step=epoch):
-                for name, stats in statistics.items():
-                    for key in ("moving_mean", "moving_variance"):
-                        tf.summary.histogram(f"{name}/{key}", stats[key])
-                        tf.summary.scalar(f"{name}/{key}_channel_mean",
-                                          float(stats[key].mean()))
-            self._writer.flush()
-
-        def on_train_end(self, logs=None):
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-
-    class InterruptAfterEpoch(keras.callbacks.Callback):
-        """Raises `TrainingInterrupted` at the end of epoch `epoch` (1-based)."""
-
-        def __init__(self, epoch):
-            super().__init__()
-            self.epoch = epoch
-
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch + 1 == self.epoch:
-                raise TrainingInterrupted(
-                    f"stopped after epoch {self.epoch} as asked (--interrupt-after-epoch);"
-                    " run the same command without that flag to resume")
-
-    return EpochTimer, BatchNormStatistics, InterruptAfterEpoch
-
-
-def batch_norm_layers(model):
-    """The kerasbn and Keras batch-norm layers of `model`, in order."""
-    import keras
-
     import kerasbn
 
-    kinds = (kerasbn.BatchNormalization, keras.layers.BatchNormalization)
-    return [layer for layer in model._flatten_layers(include_self=False)  # noqa: SLF001
-            if isinstance(layer, kinds)]
-
-
-def batch_norm_statistics(model):
-    """{layer name: {"moving_mean": array, "moving_variance": array}} of every BN layer."""
-    return {layer.name: {"moving_mean": _numpy(layer.moving_mean),
-                         "moving_variance": _numpy(layer.moving_variance)}
-            for layer in batch_norm_layers(model)}
-
-
-def _numpy(variable):
-    import keras
-
-    return keras.ops.convert_to_numpy(variable.value)
+    try:
+        kerasbn.BatchNormalization(momentum=momentum, name="batch_norm")
+    except ValueError as error:
+        raise UsageError(f"--bn-momentum {momentum}: {error}") from None
 
 
 # ------------------------------------------------------------------ the program
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+    """Where a process of a run writes.
+
+    Every worker writes (saving may read variables through collectives): the chief
+    into --out, the others into a private directory beside it, removed at the end.
+
+    Attributes:
+        out: --out.
+        task: this process's `Task`.
+        work_dir: the directory of its checkpoint and logs.
+        backup_dir: BackupAndRestore's directory (one per worker).
+    """
+
+    out: str
+    task: Task
+    work_dir: str
+    backup_dir: str
+
+    @classmethod
+    def of(cls, out, task):
+        work_dir = out if task.chief else os.path.join(out, "workers", task.name)
+        backup_dir = os.path.join(out, BACKUP_DIR, *([task.name] if task.name else []))
+        return cls(out, task, work_dir, backup_dir)
+
+    @property
+    def checkpoint(self):
+        return os.path.join(self.work_dir, CHECKPOINT_NAME)
+
+    @property
+    def log_dir(self):
+        return os.path.join(self.work_dir, LOGS_DIR)
+
+    def finish(self):
+        """Removes a worker's private copies; returns the paths of the run's results."""
+        if self.task.name is not None:
+            _remove_empty_dir(os.path.dirname(self.backup_dir))  # once all are done
+        if self.task.chief:
+            return self
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        _remove_empty_dir(os.path.dirname(self.work_dir))
+        return dataclasses.replace(self, work_dir=self.out)
 
 
 def main(argv=None):
@@ -611,158 +368,127 @@ def main(argv=None):
 
     Returns:
         A dict: "test_accuracy" and "test_loss" (of the saved checkpoint on the test
-        split), "examples_per_second" (see `examples_per_second`), "checkpoint" (path
-        of the .keras file), "log_dir", "initial_epoch" (the 0-based epoch training
-        started from: > 0 when resumed), "epochs_run", "epoch_seconds", "history"
-        (Keras's), "xla" (what was compiled), "replicas" (replicas in sync) and
-        "seconds" (time in `model.fit`).
+        split), "test_correct" and "test_examples" (test images classified right, and
+        in all), "examples_per_second" (see `training.callbacks.examples_per_second`),
+        "checkpoint" (path of the .keras file), "log_dir", "initial_epoch" (the 0-based
+        epoch training started from: > 0 when resumed), "epochs_run", "epoch_seconds",
+        "history" (Keras's), "xla" (what was compiled, in words), "xla_plan" (the
+        `training.runtime.XlaPlan`), "replicas" (replicas in sync) and "seconds" (time
+        in `model.fit`).
 
     Raises:
+        UsageError: a flag the run cannot use, or the train extra is missing.
         training.data.DatasetUnavailableError: the dataset is unknown or its data cannot
             be had here (the message is one line and names the offline default).
         ConfigurationError: the devices or XLA arrangement cannot be had in this process.
-        TrainingInterrupted: with --interrupt-after-epoch.
+        training.callbacks.TrainingInterrupted: with --interrupt-after-epoch.
     """
     args = parse_args(argv)
-    runtime = configure_runtime(args)
-
+    check_flags(args)
+    runtime = configure_runtime(replicas=args.replicas, multi_worker=args.multi_worker,
+                                xla=args.xla)
     import keras
     import tensorflow as tf
 
-    from training import data, models
+    from training import data
 
     tf.get_logger().setLevel("ERROR")
-    # First: MultiWorkerMirroredStrategy must configure collectives before anything
-    # else starts TensorFlow's runtime.
-    strategy = _make_strategy(tf, runtime)
+    strategy = make_strategy(runtime)
+    replicas = strategy.num_replicas_in_sync
+    check_batch_split(args.batch_size, replicas, "the replicas in sync")
+    check_bn_momentum(args.bn_momentum)
     train, test, info = data.load(args.dataset, data_dir=args.data_dir,
                                   allow_download=args.download)
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(MIXED_PRECISION[args.mixed_precision])
-    replicas = strategy.num_replicas_in_sync
-    chief = _is_chief(strategy)
-    task = _task_name(strategy)
+    paths = RunPaths.of(args.out, task_of(strategy))
+    _make_directory("--out", paths.work_dir)
+    initial_epoch = backed_up_epoch(paths.backup_dir)
+    _print_setup(args, info, runtime, strategy, paths, initial_epoch)
 
-    steps_per_epoch = args.steps_per_epoch or math.ceil(info.num_train / args.batch_size)
-    out = args.out
-    # Every worker writes (saving may read variables through collectives); the chief
-    # into --out, the others into a private directory beside it.
-    work_dir = out if chief else os.path.join(out, "workers", task)
-    backup_dir = os.path.join(out, BACKUP_DIR) if task is None else os.path.join(
-        out, BACKUP_DIR, task)
-    checkpoint = os.path.join(work_dir, CHECKPOINT_NAME)
-    log_dir = os.path.join(work_dir, LOGS_DIR)
-    os.makedirs(work_dir, exist_ok=True)
-    initial_epoch = _backed_up_epoch(backup_dir)
+    model = _compiled_model(args, info, runtime, strategy)
+    fitted = _fit(model, args, train, info, paths, initial_epoch)
+    model.save(paths.checkpoint)
+    # The checkpoint is evaluated, on one device: inference needs no replicas, and
+    # compiling it once beats compiling it for every replica.
+    test_loss, test_accuracy = evaluate_checkpoint(
+        paths.checkpoint, data.batched(test, EVAL_BATCH_SIZE, shuffle=False),
+        jit_compile=runtime.xla.evaluation_jit_compile)
+    paths = paths.finish()
 
-    _say(chief, f"dataset: {args.dataset} ({info.num_train} train / {info.num_test} test "
-                f"images {info.image_shape}, {info.num_classes} classes)")
-    _say(chief, f"model: {args.model}, batch norm: {args.bn}"
-                f"{' (synchronized)' if args.sync_bn and args.bn != 'none' else ''}, "
-                f"mixed precision: {args.mixed_precision}")
-    _say(chief, f"devices: {_describe_devices(runtime, strategy)}; global batch "
-                f"{args.batch_size} ({_per_replica(args.batch_size, replicas)} per replica)")
-    _say(chief, f"xla: {runtime['xla']}")
-    if initial_epoch:
-        _say(chief, f"resuming from the backup in {backup_dir}: epoch {initial_epoch + 1} "
-                    f"of {args.epochs}")
+    results = {
+        "test_accuracy": float(test_accuracy),
+        "test_loss": float(test_loss),
+        "test_correct": correct_examples(test_accuracy, info.num_test),
+        "test_examples": info.num_test,
+        "checkpoint": paths.checkpoint,
+        "log_dir": paths.log_dir,
+        "initial_epoch": initial_epoch,
+        "xla": runtime.xla.description,
+        "xla_plan": runtime.xla,
+        "replicas": replicas,
+        **fitted,
+    }
+    _print_results(results, paths.task.chief)
+    return results
+
+
+def _compiled_model(args, info, runtime, strategy):
+    import keras
+    import numpy as np
 
     with strategy.scope():
         model = models.build_model(
             args.model, info.image_shape, info.num_classes, args.bn,
             synchronized=args.sync_bn, bn_momentum=args.bn_momentum,
-            bn_jit_compile=runtime["bn_jit_compile"])
+            bn_jit_compile=runtime.xla.layer_jit_compile)
         model.compile(
             optimizer=keras.optimizers.SGD(args.learning_rate, momentum=MOMENTUM),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
-            jit_compile=runtime["jit_compile"],
+            jit_compile=runtime.xla.step_jit_compile,
         )
-        if runtime["strategy"] == "multi_worker":
-            _build_for_multi_worker_fit(model, info)
+        if runtime.strategy == MULTI_WORKER:
+            prepare_multi_worker_fit(model, (
+                np.zeros((1,) + tuple(info.image_shape), np.float32),
+                np.zeros((1,), np.int32)))
+    return model
 
-    stream = training_stream(tf, train, info.num_train, args.batch_size, args.seed,
-                             initial_epoch, args.epochs, steps_per_epoch)
 
-    EpochTimer, BatchNormStatistics, InterruptAfterEpoch = _callbacks_module()
-    timer = EpochTimer()
-    callbacks = [
+def _fit(model, args, train, info, paths, initial_epoch):
+    """Trains `model` with the run's stream and callbacks; returns the timing results."""
+    import keras
+
+    from training import callbacks, data
+
+    steps_per_epoch = args.steps_per_epoch or math.ceil(info.num_train / args.batch_size)
+    stream = data.training_stream(train, info.num_train, args.batch_size, args.seed,
+                                  initial_epoch, args.epochs, steps_per_epoch)
+    timer = callbacks.EpochTimer()
+    run_callbacks = [
         timer,
-        keras.callbacks.BackupAndRestore(backup_dir),
-        keras.callbacks.TensorBoard(log_dir=log_dir, write_graph=False),
-        BatchNormStatistics(os.path.join(log_dir, BATCH_NORM_LOGS)),
+        keras.callbacks.BackupAndRestore(paths.backup_dir),
+        keras.callbacks.TensorBoard(log_dir=paths.log_dir, write_graph=False),
+        callbacks.BatchNormStatistics(os.path.join(paths.log_dir, BATCH_NORM_LOGS)),
     ]
     if args.interrupt_after_epoch:
-        callbacks.append(InterruptAfterEpoch(args.interrupt_after_epoch))
+        run_callbacks.append(callbacks.InterruptAfterEpoch(args.interrupt_after_epoch))
 
     start = time.perf_counter()
     history = model.fit(stream, epochs=args.epochs, steps_per_epoch=steps_per_epoch,
-                        shuffle=False, callbacks=callbacks, verbose=1 if chief else 0)
+                        shuffle=False, callbacks=run_callbacks,
+                        verbose=1 if paths.task.chief else 0)
     seconds = time.perf_counter() - start
-    model.save(checkpoint)
-    # The checkpoint is evaluated, on one device: inference needs no replicas, and
-    # compiling it once beats compiling it for every replica.
-    test_loss, test_accuracy = evaluate_checkpoint(
-        checkpoint, data.batched(test, EVAL_BATCH_SIZE, shuffle=False), jit_compile=args.xla)
-
-    if task is not None:
-        _remove_empty_dir(os.path.dirname(backup_dir))  # out/backup/, once all are done
-    if not chief:  # a copy of the chief's; the chief's checkpoint and logs are the run's
-        shutil.rmtree(work_dir, ignore_errors=True)
-        _remove_empty_dir(os.path.dirname(work_dir))
-        checkpoint = os.path.join(out, CHECKPOINT_NAME)
-        log_dir = os.path.join(out, LOGS_DIR)
-
-    per_epoch = examples_per_epoch(info.num_train, args.batch_size, args.steps_per_epoch)
-    speed = examples_per_second(per_epoch, timer.seconds)
-    results = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
+    per_epoch = data.examples_per_epoch(info.num_train, args.batch_size,
+                                        args.steps_per_epoch)
+    speed = callbacks.examples_per_second(per_epoch, timer.seconds)
+    return {
         "examples_per_second": float(speed),
-        "checkpoint": checkpoint,
-        "log_dir": log_dir,
-        "initial_epoch": initial_epoch,
         "epochs_run": len(timer.seconds),
-        "history": history.history,
-        "xla": runtime["xla"],
-        "replicas": replicas,
-        "seconds": seconds,
         "epoch_seconds": list(timer.seconds),
+        "history": history.history,
+        "seconds": seconds,
     }
-    _say(chief, f"checkpoint: {checkpoint}")
-    _say(chief, f"tensorboard: tensorboard --logdir {log_dir}")
-    print(f"{FINAL_LINE_PREFIX} test_accuracy={test_accuracy:.4f} "
-          f"examples_per_second={speed:.1f} checkpoint={checkpoint}", flush=True)
-    return results
-
-
-def _build_for_multi_worker_fit(model, info):
-    """Works around two failures of Keras 3.15's `fit` under MultiWorkerMirroredStrategy.
-
-    Keras 3 (3.15) builds them in `fit` from a batch of the distributed dataset, which
-    it first averages across replicas with `strategy.reduce` -- a call that
-    MultiWorkerMirroredStrategy cannot make on an (images, labels) pair ("Attempt to
-    convert a value (PerReplica...) to a Tensor"). Built from shapes here, in the
-    strategy's scope, the model skips that step. Second, see the comment below.
-    """
-    import numpy as np
-
-    batch = (np.zeros((1,) + tuple(info.image_shape), np.float32), np.zeros((1,), np.int32))
-    model._symbolic_build(data_batch=batch)  # noqa: SLF001 -- see the docstring
-    model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None  # noqa: SLF001
-
-    # Keras then averages the logged loss and metrics of a multi-worker step with
-    # strategy.reduce("MEAN", value, axis=0), which fails on scalars ("Invalid
-    # reduction dimension 0 for input with 0 dimensions"): they are logged as [1]
-    # vectors, which that average turns back into scalars.
-    import tensorflow as tf
-
-    train_step = model.train_step
-
-    def train_step_with_vector_logs(data):
-        return tf.nest.map_structure(lambda value: tf.reshape(value, [-1]), train_step(data))
-
-    model.train_step = train_step_with_vector_logs
 
 
 def evaluate_checkpoint(path, batches, jit_compile=False):
@@ -771,7 +497,8 @@ def evaluate_checkpoint(path, batches, jit_compile=False):
     Args:
         path: a `.keras` file written by this program.
         batches: a `tf.data.Dataset` of (images, labels) batches.
-        jit_compile: compile the evaluation step with XLA.
+        jit_compile: compile the evaluation step with XLA (the run's
+            `XlaPlan.evaluation_jit_compile`).
 
     Returns:
         `(loss, accuracy)` as floats.
@@ -787,6 +514,16 @@ def evaluate_checkpoint(path, batches, jit_compile=False):
     return float(loss), float(accuracy)
 
 
+def correct_examples(accuracy, examples):
+    """The number of examples classified right, from Keras's accuracy over `examples`.
+
+    Keras's accuracy is a float32 quotient (correct / examples), a hair off the exact
+    fraction (342 of 360 comes out just below 0.95); below 2**23 examples it is close
+    enough to round back to the integer count.
+    """
+    return round(accuracy * examples)
+
+
 def _remove_empty_dir(path):
     try:
         os.rmdir(path)
@@ -794,32 +531,28 @@ def _remove_empty_dir(path):
         pass  # not empty (another worker still uses it) or already gone
 
 
-def _backed_up_epoch(backup_dir):
-    """The epoch BackupAndRestore will resume from (0 without a backup)."""
-    path = os.path.join(backup_dir, "training_metadata.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f)["epoch"])
+def _print_setup(args, info, runtime, strategy, paths, initial_epoch):
+    chief = paths.task.chief
+    synchronized = " (synchronized)" if args.sync_bn and args.bn != "none" else ""
+    _say(chief, f"dataset: {args.dataset} ({info.num_train} train / {info.num_test} test "
+                f"images {info.image_shape}, {info.num_classes} classes)")
+    _say(chief, f"model: {args.model}, batch norm: {args.bn}{synchronized}, "
+                f"mixed precision: {args.mixed_precision}")
+    _say(chief, f"devices: {describe_devices(runtime, strategy)}; global batch "
+                f"{args.batch_size} ({args.batch_size // strategy.num_replicas_in_sync} "
+                "per replica)")
+    _say(chief, f"xla: {runtime.xla.description}")
+    if initial_epoch:
+        _say(chief, f"resuming from the backup in {paths.backup_dir}: epoch "
+                    f"{initial_epoch + 1} of {args.epochs}")
 
 
-def _describe_devices(runtime, strategy):
-    if runtime["strategy"] == "multi_worker":
-        resolver = strategy.cluster_resolver
-        workers = sum(len(v) for k, v in resolver.cluster_spec().as_dict().items()
-                      if k in ("chief", "worker"))
-        return (f"MultiWorkerMirroredStrategy, {workers} workers, this is "
-                f"{resolver.task_type} {resolver.task_id}, "
-                f"{strategy.num_replicas_in_sync} replicas in sync")
-    if runtime["strategy"] == "mirrored":
-        kind = "GPUs" if runtime["on_gpu"] else "logical CPU devices"
-        return f"MirroredStrategy over {len(runtime['devices'])} {kind}"
-    return "one device (" + ("GPU" if runtime["on_gpu"] else "CPU") + ")"
-
-
-def _per_replica(batch_size, replicas):
-    per, extra = divmod(batch_size, replicas)
-    return str(per) if not extra else f"{per}-{per + 1}"
+def _print_results(results, chief):
+    _say(chief, f"checkpoint: {results['checkpoint']}")
+    _say(chief, f"tensorboard: tensorboard --logdir {results['log_dir']}")
+    print(f"{FINAL_LINE_PREFIX} test_accuracy={results['test_accuracy']:.4f} "
+          f"examples_per_second={results['examples_per_second']:.1f} "
+          f"checkpoint={results['checkpoint']}", flush=True)
 
 
 def _say(chief, message):
@@ -827,25 +560,42 @@ def _say(chief, message):
         print(message, flush=True)
 
 
+def error_report(error):
+    """How the programs report `error` without a traceback, or None to raise it.
+
+    Returns:
+        `(exit code, line for stderr)`, or None for an error that is not one of the
+        program's own.
+    """
+    if isinstance(error, (UsageError, ConfigurationError)):
+        return EXIT_USAGE, f"error: {error}"
+    # A class whose module was never imported cannot have raised.
+    data = sys.modules.get("training.data")
+    if data is not None and isinstance(error, data.DatasetUnavailableError):
+        return EXIT_DATASET_UNAVAILABLE, f"error: {error}"
+    callbacks = sys.modules.get("training.callbacks")
+    if callbacks is not None and isinstance(error, callbacks.TrainingInterrupted):
+        return EXIT_INTERRUPTED, str(error)
+    return None
+
+
 def run(argv=None):
     """The command-line entry point: `main`, with one-line errors and exit codes.
 
     Returns:
-        0 on success; 2 when the dataset is unavailable or the configuration cannot be
-        had (one line on stderr, no traceback); 3 after --interrupt-after-epoch.
+        0 on success; 2 when a flag cannot be used, the dataset is unavailable or the
+        configuration cannot be had (one line on stderr, no traceback); 3 after
+        --interrupt-after-epoch.
     """
     try:
         main(argv)
-    except TrainingInterrupted as error:
-        print(str(error), file=sys.stderr)
-        return EXIT_INTERRUPTED
     except Exception as error:
-        from training.data import DatasetUnavailableError
-
-        if not isinstance(error, (DatasetUnavailableError, ConfigurationError)):
+        report = error_report(error)
+        if report is None:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_DATASET_UNAVAILABLE
+        code, line = report
+        print(line, file=sys.stderr)
+        return code
     return 0
 
 
