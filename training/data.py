@@ -307,12 +307,14 @@ def _is_image_classification(info):
 
 
 def _is_prepared(builder):
-    # builder.is_prepared() logs a warning when the directory does not exist.
+    # WORKAROUND (tensorflow-datasets): builder.is_prepared() logs a warning when the
+    # directory does not exist, which is the normal case before a first download.
     return (builder.data_path / "dataset_info.json").exists() and builder.is_prepared()
 
 
 def _prepare(name, builder, data_dir):
-    # Without a network tfds retries each download for minutes; fail at once.
+    # WORKAROUND (tensorflow-datasets): without a network tfds retries each download
+    # for minutes; fail at once.
     host = _unreachable_host(builder)
     if host:
         raise _unavailable(name, f"no prepared copy in {data_dir}, and {host} cannot be reached")

@@ -105,8 +105,9 @@ class KerasbnDigits(tfds.core.GeneratorBasedBuilder):
     def download_and_prepare(self, **kwargs):
         """Prepares the dataset once, also when processes race to do it.
 
-        tfds writes into a temporary directory and renames it into place; a
-        second process finishing after the first fails on that rename. Here
+        WORKAROUND (tensorflow-datasets): tfds writes into a temporary directory
+        and renames it into place; a second process finishing after the first
+        fails on that rename. Here
         builds take turns on a lock file in the data dir, and a process that
         waited reads the copy the other one wrote.
 

@@ -8,8 +8,10 @@ logical devices and decides, once, what XLA compiles (an `XlaPlan`). `make_strat
     strategy = make_strategy(runtime)
     model.compile(..., jit_compile=runtime.xla.step_jit_compile)
 
-Each workaround of an upstream defect lives here, marked "WORKAROUND", with the upstream
-behaviour it works around: delete it when upstream is fixed.
+Each workaround of a Keras or TensorFlow defect lives here, marked "WORKAROUND", with the
+upstream behaviour it works around: delete it when upstream is fixed. (Those of
+tensorflow-datasets are hooks on its objects and stay beside them, in `training.data`
+and `training.digits_dataset`, marked the same way.)
 """
 
 from __future__ import annotations

@@ -34,10 +34,8 @@ several CPU replicas (auto-clustering can only be switched on before TensorFlow 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
-import importlib.util
 import math
 import os
 import shutil
@@ -56,22 +54,28 @@ from training.runtime import (
     prepare_multi_worker_fit,
     task_of,
 )
+from training.train_flags import (  # noqa: F401 -- the flag names are read here too
+    BACKUP_DIR,
+    BATCH_NORMS,
+    CHECKPOINT_NAME,
+    DEFAULT_OUT,
+    LOGS_DIR,
+    MIXED_PRECISION,
+    MODELS,
+    MOMENTUM,
+    UsageError,
+    build_parser,
+    check_batch_split,
+    check_bn_momentum,
+    check_flags,
+    make_directory,
+    parse_args,
+)
 
-MODELS = models.MODELS
-BATCH_NORMS = models.BATCH_NORMS
-MIXED_PRECISION = {"off": "float32", "float16": "mixed_float16",
-                   "bfloat16": "mixed_bfloat16"}
-
-DEFAULT_OUT = os.path.join("runs", "train")
-CHECKPOINT_NAME = "model.keras"
-LOGS_DIR = "logs"
-BACKUP_DIR = "backup"
+# The batch-norm statistics' TensorBoard directory, in --out's logs/.
 BATCH_NORM_LOGS = "batch_norm"
-MOMENTUM = 0.9
 # Evaluation batches: large, so that a small test split is one shape (one compilation).
 EVAL_BATCH_SIZE = 512
-# Modules of the `train` extra (setup.cfg) that every run needs.
-TRAIN_EXTRA_MODULES = ("tensorboard",)
 
 EXIT_DATASET_UNAVAILABLE = 2
 EXIT_USAGE = 2
@@ -96,220 +100,6 @@ def __getattr__(name):
     if name in _MOVED:
         return getattr(importlib.import_module(_MOVED[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-class UsageError(ValueError):
-    """A flag value the run cannot use, or a missing dependency; the message is one line."""
-
-
-# ------------------------------------------------------------------ command line
-
-
-def build_parser():
-    """The argument parser of `python -m training.train`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m training.train",
-        description="Train a ResNet or an MLP with kerasbn's, Keras's or no batch norm on a "
-        "tensorflow-datasets image-classification dataset, on one device, several "
-        "replicas (GPUs, or logical CPU devices) or several workers, with or without "
-        "XLA. Prints a progress bar per epoch and a final line with the test accuracy "
-        "and the training speed; writes a .keras checkpoint and TensorBoard logs under "
-        "--out; an interrupted run started again with the same --out resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    for add_group in (_data_flags, _model_flags, _training_flags, _device_flags,
-                      _output_flags):
-        add_group(parser)
-    return parser
-
-
-def _data_flags(parser):
-    group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", metavar="NAME",
-                       help="tensorflow-datasets name of an image-classification dataset "
-                            "(digits, mnist, fashion_mnist, cifar10, ...). 'digits' "
-                            "(scikit-learn's 8x8 digits) is prepared offline; any other "
-                            "is read from --data-dir, or downloaded there by tfds")
-    group.add_argument("--data-dir", default=None, metavar="DIR",
-                       help="tfds data dir (default: $KERASBN_DATA_DIR, else tfds's "
-                            "default, ~/tensorflow_datasets)")
-    group.add_argument("--download", action=argparse.BooleanOptionalAction, default=True,
-                       help="let tensorflow-datasets download and prepare a dataset that "
-                            "--data-dir does not hold (digits never needs the network)")
-
-
-def _model_flags(parser):
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", choices=MODELS, default="resnet",
-                       help="resnet: a small residual network (3 stages of 16/32/64 "
-                            "channels); mlp: 3 hidden layers of 100 sigmoid units "
-                            "(Ioffe & Szegedy 2015, section 4.1)")
-    group.add_argument("--bn", choices=BATCH_NORMS, default="kerasbn",
-                       help="batch norm: kerasbn.BatchNormalization, "
-                            "keras.layers.BatchNormalization, or none")
-    group.add_argument("--bn-momentum", type=float, default=0.99, metavar="M",
-                       help="momentum of the batch norms' moving statistics, Keras's "
-                            "convention (the weight of the old value; PyTorch's momentum "
-                            "0.1 is 0.9 here), within the range kerasbn.BatchNormalization "
-                            "allows. Lower it for short runs: with M the averages forget "
-                            "the initial values after about 3/(1-M) steps")
-    group.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
-                       help="with several replicas, compute batch-norm statistics over "
-                            "the global batch (synchronized=True); no effect on one device")
-
-
-def _training_flags(parser):
-    group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
-                       help="epochs to train (in total, counting resumed ones)")
-    group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
-                       help="global batch size, a multiple of the replicas, split evenly "
-                            "across them; the last partial batch of an epoch is kept")
-    group.add_argument("--learning-rate", type=_positive_float, default=0.05, metavar="LR",
-                       help=f"learning rate of SGD with momentum {MOMENTUM}")
-    group.add_argument("--steps-per-epoch", type=_positive_int, default=None, metavar="N",
-                       help="batches per epoch (default: one pass over the training "
-                            "split); fewer for quick tests, more to repeat the data")
-    group.add_argument("--seed", type=int, default=0,
-                       help="seed of weights, dropout-free training and data order "
-                            "(keras.utils.set_random_seed)")
-
-
-def _device_flags(parser):
-    group = parser.add_argument_group("devices and compilation")
-    group.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
-                       help="train N replicas with MirroredStrategy: over N GPUs, or, "
-                            "with no GPU, over N logical devices the CPU is split into")
-    group.add_argument("--multi-worker", action="store_true",
-                       help="train with MultiWorkerMirroredStrategy, one process per "
-                            "worker, the cluster read from the TF_CONFIG environment "
-                            "variable (see the README); --replicas is then ignored")
-    group.add_argument("--xla", action=argparse.BooleanOptionalAction, default=True,
-                       help="compile the training step with XLA: the whole step on one "
-                            "device or on GPUs; on several CPU replicas or workers, "
-                            "XLA auto-clustering plus kerasbn's compiled layer math. "
-                            "--no-xla compiles nothing")
-    group.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="off",
-                       help="compute in float16 or bfloat16 with float32 weights "
-                            "(Keras mixed precision); batch-norm statistics stay float32")
-
-
-def _output_flags(parser):
-    group = parser.add_argument_group("output")
-    group.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
-                       help=f"where {CHECKPOINT_NAME}, {LOGS_DIR}/ (TensorBoard) and "
-                            f"{BACKUP_DIR}/ (resumption state) go")
-    group.add_argument("--interrupt-after-epoch", type=_positive_int, default=None,
-                       metavar="N",
-                       help="stop (exit code 3) once epoch N is finished and backed up, "
-                            "as if the job were preempted; run the same command without "
-                            "this flag to resume. For testing resumption")
-
-
-def _checked(convert, accepts, allowed):
-    """An argparse `type`: `convert(text)`, refused unless `accepts(value)`."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not accepts(value):
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-
-
-def parse_args(argv=None):
-    """Parses the command line (`sys.argv[1:]` when `argv` is None)."""
-    return build_parser().parse_args(argv)
-
-
-# ------------------------------------------------------------------ checks
-
-
-def check_flags(args):
-    """Refuses, before TensorFlow starts, what would otherwise end in a traceback.
-
-    Raises:
-        UsageError: a module of the `train` extra is missing, --batch-size does not
-            split evenly across --replicas, or --out cannot be a directory.
-    """
-    missing = [name for name in TRAIN_EXTRA_MODULES if not _installed(name)]
-    if missing:
-        raise UsageError(f"{', '.join(missing)} is not installed; training.train needs "
-                         "the train extra: pip install -e '.[train]'")
-    if not args.multi_worker:
-        check_batch_split(args.batch_size, args.replicas, f"--replicas {args.replicas}")
-    _check_directory("--out", args.out)
-
-
-def _installed(module):
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def check_batch_split(batch_size, replicas, source):
-    """Refuses a global batch that does not split evenly across the replicas.
-
-    TensorFlow distributes a global batch in equal shares; Keras's `fit` fails on the
-    first batch otherwise.
-
-    Args:
-        batch_size: --batch-size.
-        replicas: the replicas in sync.
-        source: where `replicas` comes from, for the message ("--replicas 4").
-
-    Raises:
-        UsageError: `batch_size` is not a multiple of `replicas`.
-    """
-    if batch_size % replicas:
-        below = batch_size - batch_size % replicas
-        nearest = f"{below} or {below + replicas}" if below else str(replicas)
-        raise UsageError(f"--batch-size {batch_size} does not split evenly across "
-                         f"{replicas} replicas ({source}): use a multiple of {replicas}, "
-                         f"such as {nearest}")
-
-
-def _check_directory(flag, path):
-    """Refuses `path` when it, or the nearest existing directory above it, is a file."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UsageError(f"{flag} {path}: {existing} is a file, not a directory; "
-                         "name a directory (it is made if missing)")
-
-
-def _make_directory(flag, path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as error:
-        raise UsageError(f"{flag}: cannot make the directory {path}: "
-                         f"{error.strerror or error}") from None
-
-
-def check_bn_momentum(momentum):
-    """Refuses a --bn-momentum the batch-norm layer refuses, whatever --bn is.
-
-    The allowed range is `kerasbn.BatchNormalization`'s; Keras's stock layer checks
-    nothing, so the flag is checked against kerasbn's layer for every --bn.
-
-    Raises:
-        UsageError: the layer refuses `momentum` (its message, after the flag).
-    """
-    import kerasbn
-
-    try:
-        kerasbn.BatchNormalization(momentum=momentum, name="batch_norm")
-    except ValueError as error:
-        raise UsageError(f"--bn-momentum {momentum}: {error}") from None
 
 
 # ------------------------------------------------------------------ the program
@@ -402,7 +192,7 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     keras.mixed_precision.set_global_policy(MIXED_PRECISION[args.mixed_precision])
     paths = RunPaths.of(args.out, task_of(strategy))
-    _make_directory("--out", paths.work_dir)
+    make_directory("--out", paths.work_dir)
     initial_epoch = backed_up_epoch(paths.backup_dir)
     _print_setup(args, info, runtime, strategy, paths, initial_epoch)
 
