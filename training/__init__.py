@@ -1,1 +1,1 @@
-"""Command-line programs built on kerasbn: data, models, train, export, benchmark."""
+"""Command-line programs built on kerasbn: train, export, demo, benchmark, and their parts."""
