@@ -25,7 +25,7 @@ def train_checkpoint(data_dir, path, seed):
                                bn_momentum=0.5)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(data.batched(train, 64, shuffle=True), epochs=1, verbose=0)
+    model.fit(data.batched(train, 64, shuffle=True), epochs=1, shuffle=False, verbose=0)
     model.save(path)
     images, labels = (np.concatenate(parts) for parts in zip(
         *[(x.numpy(), y.numpy()) for x, y in data.batched(test, 512, shuffle=False)]))

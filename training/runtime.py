@@ -318,6 +318,13 @@ def make_strategy(runtime):
 
     MultiWorkerMirroredStrategy must configure collectives before anything else starts
     TensorFlow's runtime.
+
+    Args:
+        runtime: the `Runtime` from `configure_runtime`.
+
+    Returns:
+        MultiWorkerMirroredStrategy (cluster from TF_CONFIG), a MirroredStrategy over
+        `runtime.devices` with collective keys of its own, or the default strategy.
     """
     import tensorflow as tf
 
@@ -331,7 +338,14 @@ def make_strategy(runtime):
 
 
 def task_of(strategy):
-    """This process's `Task` under `strategy` (chief, and a name in a cluster)."""
+    """This process's place in the cluster of `strategy`.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`.
+
+    Returns:
+        A `Task`: the chief is the "chief" task, else worker 0 when there is none.
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return Task(chief=True, name=None)
@@ -342,7 +356,12 @@ def task_of(strategy):
 
 
 def describe_devices(runtime, strategy):
-    """What the run trains on, in words."""
+    """What the run trains on, in words, for the "devices:" line.
+
+    Args:
+        runtime: the `Runtime` from `configure_runtime`.
+        strategy: the strategy `make_strategy` made from it.
+    """
     if runtime.strategy == MULTI_WORKER:
         resolver = strategy.cluster_resolver
         workers = sum(len(v) for k, v in resolver.cluster_spec().as_dict().items()

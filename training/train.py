@@ -126,16 +126,19 @@ class RunPaths:
 
     @classmethod
     def of(cls, out, task):
+        """The paths of `task` in a run whose --out is `out`."""
         work_dir = out if task.chief else os.path.join(out, "workers", task.name)
         backup_dir = os.path.join(out, BACKUP_DIR, *([task.name] if task.name else []))
         return cls(out, task, work_dir, backup_dir)
 
     @property
     def checkpoint(self):
+        """The .keras file this process saves."""
         return os.path.join(self.work_dir, CHECKPOINT_NAME)
 
     @property
     def log_dir(self):
+        """The TensorBoard directory this process writes."""
         return os.path.join(self.work_dir, LOGS_DIR)
 
     def finish(self):
