@@ -96,3 +96,11 @@ def test_a_training_error_ends_the_demo_in_one_line(tmp_path, capfd):
     assert captured.err.strip().splitlines() == [
         f"error: --out {existing}: {existing} is a file, not a directory; "
         "name a directory (it is made if missing)"]
+
+
+@pytest.mark.parametrize("target", ["nan", "95", "-0.1", "high"])
+def test_a_target_that_is_not_an_accuracy_is_refused_by_the_parser(target, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        demo.build_parser().parse_args(["--target", target])
+    assert exit_info.value.code == 2
+    assert "argument --target" in capsys.readouterr().err

@@ -67,9 +67,19 @@ def build_parser():
                              "directory is made inside)")
     parser.add_argument("--data-dir", default=None,
                         help="tfds data dir (default: $KERASBN_DATA_DIR or tfds's)")
-    parser.add_argument("--target", type=float, default=TARGET_ACCURACY,
+    parser.add_argument("--target", type=_accuracy, default=TARGET_ACCURACY,
                         help="test accuracy the demo must reach (exit code 1 below it)")
     return parser
+
+
+def _accuracy(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
 
 
 def reached(correct, examples, target):
