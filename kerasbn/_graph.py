@@ -214,8 +214,8 @@ class _Copier:
             return _copied_operation(operation)
         replacement = self.replace(operation, path)
         if replacement is None:
-            replacement = Replacement(operation.__class__.from_config(operation.get_config()),
-                                      operation.get_weights())
+            copy = operation.__class__.from_config(operation.get_config())
+            replacement = Replacement(copy, operation.get_weights())
         if replacement.layer is not None and len(replacement.weights):
             self.pending.append((operation, replacement.layer, replacement.weights))
         return replacement.layer

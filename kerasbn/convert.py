@@ -97,9 +97,10 @@ def _check_layer_options(synchronized, layer_options):
     """Refuses Keras's own arguments; the constructor of a layer checks the rest."""
     kept = sorted(set(layer_options) & _keras_arguments())
     if kept:
+        name = kept[0]
         raise ValueError(
-            f"convert_to_kerasbn: layer options must be arguments that only "
-            f"kerasbn.BatchNormalization has; received {kept[0]}={layer_options[kept[0]]!r}, "
+            "convert_to_kerasbn: layer options must be arguments that only "
+            f"kerasbn.BatchNormalization has; received {name}={layer_options[name]!r}, "
             "an argument of keras.layers.BatchNormalization, which every converted layer "
             "keeps from the layer it replaces.")
     if not layer_options:

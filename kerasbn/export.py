@@ -155,7 +155,8 @@ def _checked_export_dir(export_dir):
     if os.path.exists(existing) and not os.path.isdir(existing):
         where = "a file" if existing == export_dir else f"under the file {existing!r}"
         raise ValueError("export_saved_model: argument `export_dir` must be a directory "
-                         f"(or not exist yet); received export_dir={export_dir!r}, {where}.")
+                         "(or not exist yet); received "
+                         f"export_dir={export_dir!r}, {where}.")
     return export_dir
 
 
@@ -178,7 +179,8 @@ def _default_input_name(model):
 def _default_output_names(model):
     structure = model.output
     if isinstance(structure, dict) and all(isinstance(k, str) for k in structure):
-        return [_as_signature_name(k) for k in keras.tree.flatten({k: k for k in structure})]
+        keys = keras.tree.flatten({key: key for key in structure})  # model.outputs' order
+        return [_as_signature_name(key) for key in keys]
     layers = [_graph.producer(tensor) for tensor in model.outputs]
     names = [re.sub(r"_[0-9]+$", "", layer.name) if _graph.has_generated_name(layer)
              else layer.name for layer in layers]
@@ -222,12 +224,15 @@ def _save(model, path, input_name, output_names):
 
     serving = serve.get_concrete_function()
     module = tf.Module()
-    module.serve = serve
     # Track the tf.Variables the graph reads, not the Keras model and its Keras
     # variables (as Keras's own export does): converters such as TFLite's then see
-    # read-only variables and turn them into constants.
-    module.serving_variables = list(serving.variables)
-    tf.saved_model.save(module, path, signatures={"serving_default": serving})
+    # read-only variables and turn them into constants. The saved object holds only
+    # them and the signature: no gradient functions (a server needs none) and no second
+    # copy of the function, which halves the time to save large models.
+    module.serving_variables = {f"v{i}": v for i, v in enumerate(serving.variables)}
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, path, signatures={"serving_default": serving},
+                        options=options)
 
 
 def _sample_batch(model, batch_size=4):

@@ -4,7 +4,8 @@
     folded, report = kerasbn.export.fold_batch_norms(model, return_report=True)
 
 In inference a batch norm is the per-channel affine y = a·x + b, with
-a = γ/sqrt(moving_var + ε) and b = β - a·moving_mean (`kerasbn.ops.inference_coefficients`).
+a = γ/sqrt(moving_var + ε) and b = β - a·moving_mean (as
+`kerasbn.ops.inference_coefficients` computes them).
 When it directly follows a convolution or a dense layer z = W·x + c (no activation in
 between, nothing else reading z, the norm's axis that layer's channel axis), the two
 compose into one layer with kernel W·a (along the output channels) and bias a·c + b.
@@ -237,10 +238,16 @@ def _why_not_foldable(bn, producer, x, calls, readers):
 
 
 def inference_affine(bn):
-    """The batch norm `bn` in inference as y = a·x + b: `(a, b)`, float64 NumPy arrays.
+    """A batch norm in inference as the per-channel affine y = a·x + b.
 
-    Computed by `kerasbn.ops.inference_coefficients` from the layer's weights in float64,
-    for `kerasbn.BatchNormalization` and `keras.layers.BatchNormalization` alike.
+    Computed by `kerasbn.ops.inference_coefficients` from the layer's weights in
+    float64, so that folding rounds once, when the result is stored.
+
+    Args:
+        bn: a built `kerasbn.BatchNormalization` or `keras.layers.BatchNormalization`.
+
+    Returns:
+        `(a, b)`, float64 NumPy arrays of the layer's channel shape.
     """
     def float64(variable):
         return tf.cast(keras.ops.convert_to_tensor(variable), tf.float64)

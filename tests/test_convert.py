@@ -235,7 +235,7 @@ def test_subclassed_models_are_refused_with_a_clear_error():
         kerasbn.convert_to_kerasbn(Subclassed())
 
 
-# ------------------------------------------------------------------------ graphs holding operations
+# ------------------------------------------------------------ graphs holding operations
 
 def _hard_swish_model():
     """The issue's model: Keras records `+ 3.0` as an operation, not a layer."""

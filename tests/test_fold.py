@@ -331,7 +331,7 @@ def test_fold_does_not_import_the_savedmodel_writer():
     assert not {"kerasbn.export", "subprocess", "tempfile"} & imported, imported
 
 
-# ------------------------------------------------------------------------ graphs holding operations
+# ------------------------------------------------------------ graphs holding operations
 
 def _model_with_operations():
     """Keras records `+ 3.0`, `keras.ops` calls and `*` as operations, not layers."""

@@ -40,7 +40,8 @@ def test_check_model_errors_name_the_caller_argument_and_value():
     with pytest.raises(ValueError, match=r"^caller: argument `model` must be a Sequential or "
                                          r"functional model; received the subclassed model "
                                          r"'sub' of type _Subclassed, .* Build it otherwise\.$"):
-        _graph.check_model(_Subclassed(name="sub"), "caller", subclassed_hint="Build it otherwise.")
+        _graph.check_model(_Subclassed(name="sub"), "caller",
+                           subclassed_hint="Build it otherwise.")
     unbuilt = keras.Sequential([keras.layers.Dense(2)], name="lazy")
     with pytest.raises(ValueError, match=r"^caller: argument `model` must be built .*"
                                          r"received the unbuilt model 'lazy'\.$"):
