@@ -19,6 +19,9 @@ if _keras.backend.backend() != "tensorflow":
 from kerasbn.layer import BatchNormalization  # noqa: E402
 from kerasbn.convert import convert_to_kerasbn  # noqa: E402
 from kerasbn import fold, export  # noqa: E402  (fold registers FrozenAffine for loading)
+from kerasbn.statistics import recompute_statistics  # noqa: E402
+from kerasbn import callbacks  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["BatchNormalization", "convert_to_kerasbn", "export"]
+__all__ = ["BatchNormalization", "convert_to_kerasbn", "export", "recompute_statistics",
+           "callbacks"]

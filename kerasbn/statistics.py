@@ -1,0 +1,727 @@
+"""Population statistics: every batch norm's moving statistics recomputed exactly.
+
+What a batch norm serves at inference is its moving statistics, and the exponential
+moving average that training keeps lags behind the weights (and, at Keras's momentum
+0.99, behind its own initial values for the first hundreds of steps).
+`recompute_statistics` replaces them, with every weight fixed, by the population
+statistics of Wu & Johnson (2021, "Rethinking 'Batch' in BatchNorm", section 3): the
+mean and variance of every value a layer sees over a pass of the data,
+
+    μ = E[μ_B]        σ² = E[σ²_B + μ_B²] − μ²        (count-weighted over batches)
+
+with the layer normalizing each batch with that batch's own statistics, exactly as in
+training. That is not the average of the per-batch variances
+(`torch.optim.swa_utils.update_bn`), which leaves out the variance of the batch means.
+
+How a pass runs:
+
+- each trainable batch norm's `call` is wrapped for the pass: the wrapper computes
+  this replica's moments of the layer's input (`ops.shifted_moments`, the mask through
+  `ops.mask_weights`) and then calls the layer with `training=True`; the model itself
+  is called with `training=False`, so every other layer runs in inference mode;
+- the moments are merged, batch after batch, into per-replica float64 accumulators
+  (count, shift, offset, variance per channel; `ops.merge_shifted_moments`), so memory
+  is constant in the number of batches and the count stays exact past 2²⁴ values;
+- at the end, one collective gathers every replica's accumulators (all layers at
+  once) and merges them exactly (`distribute.ReplicaGroup.merge_moments`), so every
+  replica and worker computes the same bits;
+- the moving statistics are then set; every other variable of the batch norms is
+  restored from a snapshot, and on any error everything is restored.
+"""
+
+import dataclasses
+import functools
+import inspect
+import numbers
+import threading
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerasbn import distribute
+from kerasbn import ops
+from kerasbn.layer import BatchNormalization
+
+_BATCH_NORM_TYPES = (BatchNormalization, keras.layers.BatchNormalization)
+_DEFAULT_BATCH_SIZE = 32
+# Layer attributes that, during the pass, keep the moving statistics where they are
+# (so that renorm corrections, which read them in training, stay fixed): momentum 1
+# is the exact identity of Keras's moving average, and the warm-up (kerasbn's
+# `momentum_warmup`) would otherwise lower the momentum of early updates.
+_PASS_ATTRIBUTES = (("momentum", 1.0), ("renorm_momentum", 1.0), ("momentum_warmup", False))
+
+
+# ---------------------------------------------------------------------- the summary
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStatistics:
+    """What a pass did to one batch norm.
+
+    Attributes:
+        name: the layer's name.
+        count: values per channel that entered the statistics (examples for a batch
+            norm after a Dense layer; examples × positions after a convolution; masked
+            values left out). The smallest over channels if they differ.
+        mean_change: the largest change of the moving mean over channels, in units of
+            the channel's new standard deviation sqrt(var + ε).
+        variance_change: the largest relative change of the moving variance over
+            channels, |new − old| / (old + ε).
+        updated: False when no value reached the layer (its statistics were kept).
+    """
+
+    name: str
+    count: int
+    mean_change: float
+    variance_change: float
+    updated: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class StatisticsSummary:
+    """What `recompute_statistics` did, layer by layer; printing it shows a table.
+
+    Iterating gives the `LayerStatistics` of every recomputed layer; `summary["name"]`
+    the one of a layer by name.
+
+    Attributes:
+        layers: a `LayerStatistics` per recomputed batch norm, in model order.
+        batches: steps run (global batches under a strategy).
+        examples: examples whose activations entered the statistics.
+        skipped_batches: batches left out because an activation entering a batch norm
+            was not finite (under a strategy, counted per replica: each replica's part
+            of a global batch is kept or left out on its own).
+        frozen: names of batch norms with `trainable=False`, left as they were (they
+            run in inference mode in training and keep their statistics).
+    """
+
+    layers: tuple
+    batches: int
+    examples: int
+    skipped_batches: int
+    frozen: tuple = ()
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for layer in self.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(key)
+        return self.layers[key]
+
+    def __str__(self):
+        lines = [
+            f"Population statistics over {self.batches} batches ({self.examples} examples"
+            f", {self.skipped_batches} skipped as not finite):"
+        ]
+        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
+        lines.append(f"  {'layer':<{width}}  {'values/channel':>14}  "
+                     f"{'mean change (std)':>17}  {'variance change':>15}")
+        for layer in self.layers:
+            if layer.updated:
+                lines.append(f"  {layer.name:<{width}}  {layer.count:>14}  "
+                             f"{layer.mean_change:>17.3g}  {layer.variance_change:>15.3g}")
+            else:
+                lines.append(f"  {layer.name:<{width}}  {0:>14}  {'(no values: kept)':>34}")
+        if self.frozen:
+            lines.append(f"  frozen, kept: {', '.join(self.frozen)}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- the entry point
+
+
+def recompute_statistics(model, data, steps=None, verbose="auto", batch_size=None):
+    """Sets every batch norm's moving statistics to its population statistics over `data`.
+
+    With every weight fixed, runs `data` through `model` with its batch norms in
+    training mode (each normalizing with its own batch's statistics, synchronized
+    layers with the global batch, exactly as in training) and every other layer in
+    inference mode (dropout off), and sets each batch norm's `moving_mean` and
+    `moving_variance` to the mean and variance of every value that layer saw over the
+    pass, count-weighted: a partial batch counts for what it holds, masked values not
+    at all. `bessel_correction=True` layers get the unbiased variance n/(n−1)·σ²;
+    renorm layers get `moving_stddev` = `renorm_stddev` = sqrt(σ² + ε),
+    `renorm_mean` = μ, and `moving_variance` derived from `moving_stddev` as the layer
+    keeps it.
+
+    Works on `kerasbn.BatchNormalization` and `keras.layers.BatchNormalization` (and
+    subclasses) anywhere in Sequential, functional, subclassed and nested models.
+    Batch norms with `trainable=False` are left as they are. Under the model's
+    `tf.distribute` strategy (MirroredStrategy, MultiWorkerMirroredStrategy) the
+    population is the union of every replica's examples, and every replica and worker
+    ends with the same bits; a plain `tf.data.Dataset` is distributed with
+    `strategy.experimental_distribute_dataset`, a distributed dataset is used as it is.
+
+    Nothing else changes: trainable weights, optimizer state, every other variable
+    (including the batch norms' other non-trainable weights), `trainable` flags and
+    layer attributes. On any error, every moving statistic is left exactly as it was.
+
+    Args:
+        model: a built Keras model (or layer) holding batch norms.
+        data: a `tf.data.Dataset` of batches (elements `x`, `(x,)`, `(x, y)` or
+            `(x, y, sample_weight)`; labels are ignored), a distributed dataset, NumPy
+            arrays, tensors or a dict of them (batched by `batch_size`), a Keras
+            `PyDataset` or a generator of batches: what `model.predict` takes.
+        steps: None for the whole of `data`, or the number of batches to use (> 0).
+        verbose: "auto" (1), 0 silent, 1 a progress bar, 2 one line at the end.
+        batch_size: for arrays and tensors only: examples per batch (default 32).
+
+    Returns:
+        A `StatisticsSummary` (prints as a table): per layer the values counted and
+        the largest change of mean and variance, with the batches run and skipped.
+
+    Raises:
+        ValueError: `data` yields no batch or does not match the model's inputs, or
+            every batch had non-finite activations; `steps`, `verbose` or
+            `batch_size` is not allowed; `model` holds no trainable batch norm or an
+            unbuilt one. The message names the argument, the value and what is allowed.
+    """
+    _check_arguments(steps, verbose, batch_size)
+    return PopulationPass(model).run(data, steps=steps, verbose=verbose,
+                                     batch_size=batch_size)
+
+
+def _argument_error(argument, value, allowed, detail=""):
+    shown = _describe(value)
+    return ValueError(f"recompute_statistics: argument `{argument}` must be {allowed}; "
+                      f"received {argument}={shown}.{' ' + detail if detail else ''}")
+
+
+def _describe(value):
+    text = repr(value)
+    if len(text) > 200:
+        text = f"<{type(value).__name__}: {text[:160]}...>"
+    return text
+
+
+def _shortened(error, limit=600):
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + " [...]"
+
+
+def _check_arguments(steps, verbose, batch_size):
+    if steps is not None and (not isinstance(steps, numbers.Integral)
+                              or isinstance(steps, bool) or steps <= 0):
+        raise _argument_error("steps", steps, "None or an int > 0")
+    if not (verbose == "auto" if isinstance(verbose, str) else (
+            isinstance(verbose, numbers.Integral) and not isinstance(verbose, bool)
+            and verbose in (0, 1, 2))):
+        raise _argument_error("verbose", verbose, 'one of "auto", 0, 1, 2')
+    if batch_size is not None and (not isinstance(batch_size, numbers.Integral)
+                                   or isinstance(batch_size, bool) or batch_size <= 0):
+        raise _argument_error("batch_size", batch_size, "None or an int > 0")
+
+
+# ---------------------------------------------------------------------- finding batch norms
+
+
+def _all_layers(model):
+    """Every layer inside `model` (itself included), each once, in depth-first order.
+
+    Keras 3's private `Layer._flatten_layers` is the one walk that reaches every
+    sublayer of Sequential, functional and subclassed models alike, through nested
+    models and layers that hold layers; the public `layers` property lists only a
+    model's direct children, so it is the fallback.
+    """
+    if hasattr(model, "_flatten_layers"):
+        return list(model._flatten_layers(include_self=True, recursive=True))
+    found, seen = [], set()
+
+    def walk(layer):
+        if id(layer) in seen:
+            return
+        seen.add(id(layer))
+        found.append(layer)
+        for child in getattr(layer, "layers", []):
+            walk(child)
+
+    walk(model)
+    return found
+
+
+def is_batch_norm(layer):
+    """True for kerasbn's and Keras's BatchNormalization and their subclasses."""
+    return isinstance(layer, _BATCH_NORM_TYPES)
+
+
+def _batch_norms(model):
+    """(trainable batch norms, frozen ones) of `model`; raises when there is nothing to do."""
+    if not isinstance(model, keras.layers.Layer):
+        raise _argument_error("model", model, "a Keras model or layer")
+    norms = [layer for layer in _all_layers(model) if is_batch_norm(layer)]
+    name = getattr(model, "name", type(model).__name__)
+    if not norms:
+        raise _argument_error(
+            "model", f"<{type(model).__name__} '{name}'>",
+            "a model holding at least one BatchNormalization layer (kerasbn's or "
+            "Keras's), but it holds none")
+    unbuilt = [layer.name for layer in norms if not layer.built
+               or getattr(layer, "moving_mean", None) is None]
+    if unbuilt:
+        raise _argument_error(
+            "model", f"<{type(model).__name__} '{name}'>",
+            "a built model", f"Its batch norms {unbuilt} are not built yet: call the "
+            "model on a batch (or give it an Input) first.")
+    trainable = [layer for layer in norms if layer.trainable]
+    frozen = [layer for layer in norms if not layer.trainable]
+    if not trainable:
+        raise _argument_error(
+            "model", f"<{type(model).__name__} '{name}'>",
+            "a model with at least one trainable batch norm",
+            f"Every batch norm is frozen (trainable=False): {[l.name for l in frozen]}. "
+            "Frozen batch norms run in inference mode in training and keep their "
+            "statistics; set trainable=True on those to recompute.")
+    return trainable, frozen
+
+
+def _strategy_of(model):
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy if strategy is not None else tf.distribute.get_strategy()
+
+
+# ---------------------------------------------------------------------- variables
+
+
+def _components(variable):
+    """The per-device tf.Variables behind a Keras or TF variable (one when not distributed).
+
+    A Keras variable keeps its TensorFlow variable in `.value`; under a strategy that is
+    a distributed variable with one component per local replica. Reading and assigning
+    the components directly is exact whatever the variable's aggregation (a
+    cross-replica assign of a SUM on-read variable would divide the value).
+    """
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    if isinstance(value, tf.distribute.DistributedValues):
+        return list(value.values)
+    return [value]
+
+
+def _set_variable(variable, value):
+    for component in _components(variable):
+        component.assign(np.asarray(value, component.dtype.as_numpy_dtype))
+
+
+def _read_variable(variable):
+    return _components(variable)[0].numpy()
+
+
+class _Snapshot:
+    """Every non-trainable variable of the batch norms, per component, to restore exactly."""
+
+    def __init__(self, layers):
+        self._saved = [(component, component.numpy())
+                       for layer in layers for variable in layer.non_trainable_variables
+                       for component in _components(variable)]
+
+    def restore(self):
+        for component, value in self._saved:
+            component.assign(value)
+
+
+# ---------------------------------------------------------------------- data
+
+
+def _is_distributed_dataset(data):
+    # Both experimental_distribute_dataset's and distribute_datasets_from_function's.
+    return isinstance(data, tf.distribute.DistributedDataset)
+
+
+def _as_dataset(data, batch_size, steps):
+    """`data` as a tf.data.Dataset of batches (or a distributed dataset), and its length.
+
+    Arrays, tensors, dicts of them, PyDatasets and generators go through Keras's own
+    data adapters (a private module), so that they are batched and read exactly as
+    `model.predict` reads them.
+    """
+    if _is_distributed_dataset(data):
+        if batch_size is not None:
+            raise _argument_error("batch_size", batch_size,
+                                  "None when `data` is a distributed dataset (already batched)")
+        return data, None
+    if isinstance(data, tf.data.Dataset):
+        if batch_size is not None:
+            raise _argument_error("batch_size", batch_size,
+                                  "None when `data` is a tf.data.Dataset (already batched)")
+        cardinality = int(data.cardinality())
+        if cardinality == tf.data.INFINITE_CARDINALITY and steps is None:
+            raise _argument_error("steps", steps, "an int > 0 when `data` is infinite",
+                                  "The dataset repeats forever; pass steps=.")
+        return data, cardinality if cardinality >= 0 else None
+    from keras.src.trainers import data_adapters  # private: the adapters of predict
+
+    is_arrays = data_adapters.array_data_adapter.can_convert_arrays((data, None, None))
+    if batch_size is not None and not is_arrays:
+        raise _argument_error("batch_size", batch_size,
+                              "None unless `data` is arrays or tensors (other data come "
+                              "in batches)")
+    try:
+        adapter = data_adapters.get_data_adapter(
+            data, batch_size=(batch_size or _DEFAULT_BATCH_SIZE) if is_arrays else None,
+            steps_per_epoch=steps, shuffle=False)
+        dataset = adapter.get_tf_dataset()
+    except (ValueError, TypeError) as error:
+        raise _argument_error(
+            "data", data, "a tf.data.Dataset, a distributed dataset, NumPy arrays, "
+            "tensors or a dict of them, a keras.utils.PyDataset or a generator of batches",
+            f"({_shortened(error)})") from error
+    return dataset, adapter.num_batches
+
+
+def _first_input(x):
+    return tf.nest.flatten(x)[0]
+
+
+# ---------------------------------------------------------------------- the pass
+
+
+class PopulationPass:
+    """A reusable population-statistics pass over one model's batch norms.
+
+    Holds the traced step (reused across calls and batches; retraced only for a new
+    input signature) and the accumulators, so that the callback does not retrace at
+    every evaluation. `run` rebuilds nothing as long as the model's batch norms and
+    their `trainable` flags are the same (`matches`).
+
+    Args:
+        model: a built Keras model or layer holding batch norms.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.layers, self.frozen = _batch_norms(model)
+        self.strategy = _strategy_of(model)
+        self.key = self._key_of(model)
+        self._local = threading.local()
+        with self.strategy.scope():
+            # Per-replica (ON_READ) accumulators: each replica merges into its own
+            # copy, with no cross-replica traffic until the end of the pass.
+            self._accumulators = [
+                self._new_variable([4] + list(layer.moving_mean.shape),
+                                   f"population_moments_{i}")
+                for i, layer in enumerate(self.layers)
+            ]
+            self._tallies = self._new_variable([2], "population_tallies")  # skipped, examples
+        self._step = tf.function(self._distributed_step, reduce_retracing=True)
+        self._finish = tf.function(self._distributed_finish)
+
+    @staticmethod
+    def _new_variable(shape, name):
+        return tf.Variable(tf.zeros(shape, tf.float64), trainable=False, name=name,
+                           synchronization=tf.VariableSynchronization.ON_READ,
+                           aggregation=tf.VariableAggregation.NONE)
+
+    @staticmethod
+    def _key_of(model):
+        return tuple((id(layer), bool(layer.trainable))
+                     for layer in _all_layers(model) if is_batch_norm(layer))
+
+    def matches(self, model):
+        """True when this pass still fits `model` (same batch norms, same trainable flags)."""
+        return model is self.model and self._key_of(model) == self.key
+
+    # ------------------------------------------------------------------ running
+
+    def run(self, data, steps=None, verbose="auto", batch_size=None):
+        """One pass over `data`; see `recompute_statistics`."""
+        _check_arguments(steps, verbose, batch_size)
+        verbose = 1 if verbose == "auto" else verbose
+        dataset, length = _as_dataset(data, batch_size, steps)
+        target = length if steps is None else (steps if length is None else min(steps, length))
+        snapshot = _Snapshot(self.layers)
+        old = [(_read_variable(layer.moving_mean), _read_variable(layer.moving_variance))
+               for layer in self.layers]
+        try:
+            with self._patched():
+                for accumulator in [*self._accumulators, self._tallies]:
+                    _set_variable(accumulator, np.zeros(accumulator.shape))
+                batches = self._accumulate(data, dataset, steps, verbose, target)
+                moments, tallies = self._merged()
+            snapshot.restore()
+            summary = self._apply(moments, tallies, batches, old)
+        except BaseException:
+            snapshot.restore()
+            raise
+        if summary.skipped_batches:
+            warnings.warn(
+                f"recompute_statistics: {summary.skipped_batches} batch(es) left out: an "
+                "activation entering a batch norm was not finite (NaN or infinite).",
+                RuntimeWarning, stacklevel=3)
+        return summary
+
+    def _accumulate(self, data, dataset, steps, verbose, target):
+        with self.strategy.scope():
+            if not _is_distributed_dataset(dataset):
+                dataset = self.strategy.experimental_distribute_dataset(dataset)
+        self._trace(dataset)
+        progbar = keras.utils.Progbar(target, verbose=verbose) if verbose else None
+        batches = 0
+        for batch in dataset:
+            if steps is not None and batches >= steps:
+                break
+            self._run_step(data, batch, dataset)
+            batches += 1
+            if progbar is not None and verbose == 1:
+                progbar.update(batches)
+        if progbar is not None and (verbose == 2 or batches != target):
+            progbar.update(batches, finalize=True)  # else the last update finalized it
+        if batches == 0:
+            raise _argument_error("data", data, "data that yields at least one batch",
+                                  "It yielded none.")
+        return batches
+
+    def _trace(self, dataset):
+        """Traces the step once for every batch of `dataset`: its element spec leaves the
+        batch size open, so a partial last batch does not trace (and, under a strategy,
+        optimize a multi-device graph) a second time. If the model cannot be traced
+        without a static batch size, each batch shape is traced when it comes, and a
+        real mismatch is reported then."""
+        spec = getattr(dataset, "element_spec", None)
+        if spec is None:
+            return
+        try:
+            self._step.get_concrete_function(spec)
+        except Exception:  # noqa: BLE001 -- only an optimization; the calls trace anew
+            pass
+
+    def _run_step(self, data, batch, dataset):
+        try:
+            self._step(batch)
+        except _DataMismatch as mismatch:
+            raise self._mismatch_error(data, mismatch.spec, mismatch.__cause__) from (
+                mismatch.__cause__)
+        except tf.errors.InvalidArgumentError as error:
+            spec = getattr(dataset, "element_spec", None)
+            raise self._mismatch_error(data, spec, error) from error
+
+    def _mismatch_error(self, data, spec, error):
+        try:
+            expected = [(tuple(t.shape), str(t.dtype)) for t in self.model.inputs]
+        except (AttributeError, TypeError, ValueError):
+            expected = None
+        fits = f"batches that fit the inputs of model '{self.model.name}'"
+        if expected is not None:
+            fits += f" (shape, dtype: {expected})"
+        return _argument_error(
+            "data", data, fits,
+            f"Its batches are {spec}; calling the model on them failed: {_shortened(error)}")
+
+    # ------------------------------------------------------------------ traced steps
+
+    @tf.autograph.experimental.do_not_convert  # as Keras's own steps
+    def _distributed_step(self, batch):
+        self.strategy.run(self._replica_step, args=(batch,))
+
+    @tf.autograph.experimental.do_not_convert  # as Keras's own steps
+    def _replica_step(self, batch):
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        self._local.moments = [[] for _ in self.layers]
+        try:
+            self.model(x, training=False)
+        except (ValueError, TypeError) as error:
+            raise _DataMismatch(_spec_of(x)) from error
+        finally:
+            collected, self._local.moments = self._local.moments, None
+        flat = [t for layer_moments in collected for parts in layer_moments for t in parts]
+        finite = ops.all_finite(*flat) if flat else tf.constant(True)
+        for accumulator, layer_moments in zip(self._accumulators, collected):
+            if not layer_moments:
+                continue
+            parts = [tf.stack([accumulator[i]] + [m[i] for m in layer_moments])
+                     for i in range(4)]
+            merged = tf.stack(ops.merge_shifted_moments(*parts))
+            accumulator.assign(tf.where(finite, merged, accumulator))
+        examples = tf.cast(tf.shape(_first_input(x))[0], tf.float64)
+        zero = tf.constant(0.0, tf.float64)
+        self._tallies.assign_add(tf.where(finite, tf.stack([zero, examples]),
+                                          tf.stack([zero + 1.0, zero])))
+
+    @tf.autograph.experimental.do_not_convert  # as Keras's own steps
+    def _distributed_finish(self):
+        return self.strategy.run(self._replica_finish)
+
+    @tf.autograph.experimental.do_not_convert  # as Keras's own steps
+    def _replica_finish(self):
+        """Every replica's accumulators merged: one collective for all layers, one for tallies."""
+        stacked = tf.concat([tf.reshape(a, [4, -1]) for a in self._accumulators], axis=1)
+        group = distribute.replica_group()
+        if group is None:
+            return stacked[0], stacked[1] + stacked[2], stacked[3], tf.identity(self._tallies)
+        count, mean, variance = group.merge_moments(*tf.unstack(stacked))
+        return count, mean, variance, group.sum(tf.identity(self._tallies))
+
+    def _merged(self):
+        with self.strategy.scope():
+            results = self.strategy.experimental_local_results(self._finish())
+        first = [t.numpy() for t in results[0]]
+        for other in results[1:]:  # the merge is the same program on the same data
+            if not all(np.array_equal(a, b.numpy()) for a, b in zip(first, other)):
+                raise RuntimeError("recompute_statistics: replicas disagree on the merged "
+                                   "statistics; this is a bug in kerasbn.")
+        count, mean, variance, tallies = first
+        moments, start = [], 0
+        for layer in self.layers:
+            shape = list(layer.moving_mean.shape)
+            size = int(np.prod(shape))
+            moments.append(tuple(v[start:start + size].reshape(shape)
+                                 for v in (count, mean, variance)))
+            start += size
+        return moments, tallies
+
+    # ------------------------------------------------------------------ patching
+
+    def _patched(self):
+        return _Patches(self)
+
+    def _wrapped_call(self, index, layer, original):
+        signature = inspect.signature(original)
+        parameters = list(signature.parameters)
+        local = self._local
+
+        @functools.wraps(original)
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            collected = getattr(local, "moments", None)
+            if collected is not None:
+                inputs = bound.arguments[parameters[0]]
+                mask = bound.arguments.get("mask")
+                collected[index].append(_local_moments(layer, inputs, mask))
+            if "training" in signature.parameters:
+                bound.arguments["training"] = True
+            return original(*bound.args, **bound.kwargs)
+
+        return call
+
+    # ------------------------------------------------------------------ results
+
+    def _apply(self, moments, tallies, batches, old):
+        skipped, examples = int(round(tallies[0])), int(round(tallies[1]))
+        if examples == 0 and skipped > 0:
+            raise _argument_error(
+                "data", f"<{batches} batches>", "data whose activations are finite",
+                f"Every batch ({skipped}) had a NaN or infinite activation entering a "
+                "batch norm; the statistics were left as they were.")
+        if all(not np.any(count > 0) for count, _, _ in moments):
+            raise _argument_error(
+                "data", f"<{batches} batches>", "data that puts values through the batch "
+                "norms", "No value reached any batch norm (every value masked, or the "
+                "batches were empty); the statistics were left as they were.")
+        results = []
+        for layer, (count, mean, variance), (old_mean, old_variance) in zip(
+                self.layers, moments, old):
+            results.append(_set_statistics(layer, count, mean, variance, old_mean,
+                                           old_variance))
+        return StatisticsSummary(layers=tuple(results), batches=batches, examples=examples,
+                                 skipped_batches=skipped,
+                                 frozen=tuple(layer.name for layer in self.frozen))
+
+
+class _DataMismatch(Exception):
+    """Carries a model call's error on a batch out of the replica function (tracing)."""
+
+    def __init__(self, spec):
+        super().__init__(str(spec))
+        self.spec = spec
+
+
+def _spec_of(x):
+    return tf.nest.map_structure(
+        lambda t: tf.TensorSpec(t.shape, t.dtype) if hasattr(t, "dtype") else t, x)
+
+
+class _Patches:
+    """For the pass: batch norms' `call` wrapped and their momenta set to keep statistics."""
+
+    def __init__(self, population_pass):
+        self.population_pass = population_pass
+        self.undo = []
+
+    def __enter__(self):
+        try:
+            for index, layer in enumerate(self.population_pass.layers):
+                for attribute, value in _PASS_ATTRIBUTES:
+                    if hasattr(layer, attribute):
+                        self.undo.append((layer, attribute, getattr(layer, attribute)))
+                        object.__setattr__(layer, attribute, value)
+                # An instance attribute, set and removed past Keras's attribute
+                # tracking; Layer.__call__ looks `self.call` up on the instance.
+                previous = layer.__dict__.get("call", _ABSENT)
+                original = layer.call
+                layer.__dict__["call"] = self.population_pass._wrapped_call(
+                    index, layer, original)
+                self.undo.append((layer, "call", previous))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc_info):
+        for layer, attribute, value in reversed(self.undo):
+            if attribute == "call":
+                if value is _ABSENT:
+                    layer.__dict__.pop("call", None)
+                else:
+                    layer.__dict__["call"] = value
+            else:
+                object.__setattr__(layer, attribute, value)
+        self.undo = []
+        return False
+
+
+_ABSENT = object()
+
+
+def _local_moments(layer, inputs, mask):
+    """This replica's (count, shift, offset, variance) of a batch norm's input, float64."""
+    inputs = tf.convert_to_tensor(inputs)
+    axes = ops.channel_axes(layer.axis, inputs.shape.rank)
+    layout = ops.Layout(inputs.shape.as_list(), axes)
+    dtype = ops.statistics_dtype(inputs.dtype)
+    weights = None
+    if mask is not None:
+        weights = layout.view(ops.mask_weights(mask, inputs, dtype))
+    compiled = isinstance(layer, BatchNormalization) and bool(getattr(layer, "jit_compile",
+                                                                      False))
+    moments = ops.shifted_moments(layout.view(inputs), layout.axes, weights,
+                                  compiled=compiled)
+    return [tf.cast(layout.to_channels(t), tf.float64) for t in moments]
+
+
+def _set_statistics(layer, count, mean, variance, old_mean, old_variance):
+    """Writes a layer's new statistics (channels with no value keep theirs)."""
+    epsilon = float(layer.epsilon)
+    present = count > 0
+    if not np.any(present):
+        return LayerStatistics(layer.name, 0, 0.0, 0.0, updated=False)
+    if getattr(layer, "bessel_correction", False):
+        variance = variance * count / np.maximum(count - 1.0, 1.0)
+    dtype = layer.moving_mean.dtype
+    dtype = np.dtype(dtype if isinstance(dtype, str) else tf.as_dtype(dtype).as_numpy_dtype)
+    new_mean = np.where(present, mean, old_mean).astype(dtype)
+    if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
+        old_stddev = _read_variable(layer.moving_stddev)
+        stddev = np.where(present, np.sqrt(variance + epsilon), old_stddev).astype(dtype)
+        # As the layer keeps it: relu(moving_stddev² − ε), in the variable's dtype.
+        new_variance = np.maximum(stddev * stddev - dtype.type(epsilon), 0).astype(dtype)
+        _set_variable(layer.moving_stddev, stddev)
+        _set_variable(layer.renorm_stddev,
+                      np.where(present, stddev, _read_variable(layer.renorm_stddev)))
+        _set_variable(layer.renorm_mean,
+                      np.where(present, new_mean, _read_variable(layer.renorm_mean)))
+    else:
+        new_variance = np.where(present, variance, old_variance).astype(dtype)
+    _set_variable(layer.moving_mean, new_mean)
+    _set_variable(layer.moving_variance, new_variance)
+    new_mean64, new_variance64 = new_mean.astype(np.float64), new_variance.astype(np.float64)
+    mean_change = np.abs(new_mean64 - old_mean) / np.sqrt(new_variance64 + epsilon)
+    variance_change = np.abs(new_variance64 - old_variance) / (np.abs(old_variance) + epsilon)
+    return LayerStatistics(layer.name, int(np.min(count[present])),
+                           float(np.max(mean_change)), float(np.max(variance_change)))
