@@ -40,11 +40,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasbn import _graph
 from kerasbn import distribute
 from kerasbn import ops
 from kerasbn.layer import BatchNormalization
 
-_BATCH_NORM_TYPES = (BatchNormalization, keras.layers.BatchNormalization)
 _DEFAULT_BATCH_SIZE = 32
 # Layer attributes that, during the pass, keep the moving statistics where they are
 # (so that renorm corrections, which read them in training, stay fixed): momentum 1
@@ -225,32 +225,11 @@ def _check_arguments(steps, verbose, batch_size):
 
 
 def _all_layers(model):
-    """Every layer inside `model` (itself included), each once, in depth-first order.
-
-    Keras 3's private `Layer._flatten_layers` is the one walk that reaches every
-    sublayer of Sequential, functional and subclassed models alike, through nested
-    models and layers that hold layers; the public `layers` property lists only a
-    model's direct children, so it is the fallback.
-    """
-    if hasattr(model, "_flatten_layers"):
-        return list(model._flatten_layers(include_self=True, recursive=True))
-    found, seen = [], set()
-
-    def walk(layer):
-        if id(layer) in seen:
-            return
-        seen.add(id(layer))
-        found.append(layer)
-        for child in getattr(layer, "layers", []):
-            walk(child)
-
-    walk(model)
-    return found
+    """`model` and every layer inside it, at any depth, each once (`_graph` holds the walk)."""
+    return [model] + list(_graph.nested_layers(model))
 
 
-def is_batch_norm(layer):
-    """True for kerasbn's and Keras's BatchNormalization and their subclasses."""
-    return isinstance(layer, _BATCH_NORM_TYPES)
+is_batch_norm = _graph.is_batch_norm  # kerasbn's and Keras's BatchNormalization
 
 
 def _batch_norms(model):
@@ -464,8 +443,11 @@ class PopulationPass:
         self._trace(dataset)
         progbar = keras.utils.Progbar(target, verbose=verbose) if verbose else None
         batches = 0
-        for batch in dataset:
-            if steps is not None and batches >= steps:
+        iterator = iter(dataset)
+        while steps is None or batches < steps:  # no batch read beyond `steps`
+            try:
+                batch = next(iterator)
+            except StopIteration:
                 break
             self._run_step(data, batch, dataset)
             batches += 1

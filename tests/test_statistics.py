@@ -735,7 +735,7 @@ def test_two_workers_get_identical_population_statistics(rng, tmp_path):
     batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
     clone = keras.models.clone_model(model)
     clone.set_weights(weights)
-    probe = keras.Model(clone.input, [layer_input(clone.get_layer(name)) for name in names])
+    probe = keras.Model(clone.inputs[0], [layer_input(clone.get_layer(name)) for name in names])
     captured = [np.concatenate(values) for values in
                 zip(*[[np.asarray(v, np.float64) for v in probe(b, training=True)]
                       for b in batches])]
