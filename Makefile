@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench paper clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[train,test,bench]'
 	$(PY) -m training.benchmark
+
+# The paper's claims reproduced (README, "The paper's claims, reproduced"): figures and
+# summary in results/paper/.
+paper: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[train,test,paper]'
+	$(PY) -m training.paper
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
