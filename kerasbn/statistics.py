@@ -323,8 +323,9 @@ def _as_dataset(data, batch_size, steps):
     """
     if _is_distributed_dataset(data):
         if batch_size is not None:
-            raise _argument_error("batch_size", batch_size,
-                                  "None when `data` is a distributed dataset (already batched)")
+            raise _argument_error(
+                "batch_size", batch_size,
+                "None when `data` is a distributed dataset (already batched)")
         return data, None
     if isinstance(data, tf.data.Dataset):
         if batch_size is not None:
@@ -532,7 +533,8 @@ class PopulationPass:
 
     @tf.autograph.experimental.do_not_convert  # as Keras's own steps
     def _replica_finish(self):
-        """Every replica's accumulators merged: one collective for all layers, one for tallies."""
+        """Every replica's accumulators merged: one collective for all layers and one for
+        the tallies."""
         stacked = tf.concat([tf.reshape(a, [4, -1]) for a in self._accumulators], axis=1)
         group = distribute.replica_group()
         if group is None:

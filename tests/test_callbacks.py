@@ -33,7 +33,8 @@ def make_data(rng, count):
 
 def batch_norm_values(model):
     return {f"{layer.name}/{name}": getattr(layer, name).numpy()
-            for layer in model.layers if statistics.is_batch_norm(layer) for name in STATISTICS}
+            for layer in model.layers if statistics.is_batch_norm(layer)
+            for name in STATISTICS}
 
 
 class Recorder(keras.callbacks.Callback):
@@ -62,7 +63,7 @@ def copy_of(model, weights):
 def test_validation_and_checkpoints_see_population_statistics(rng, tmp_path):
     model = build_model()
     model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", jit_compile=False)
-    x, y = make_data(rng, 96)
+    x, y = make_data(rng, 100)  # a last batch of 4
     val_x, val_y = make_data(rng, 40)
     train = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     before, after = Recorder(), Recorder()
@@ -81,7 +82,8 @@ def test_validation_and_checkpoints_see_population_statistics(rng, tmp_path):
         for a, b in zip(expected.weights, population):
             np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=0, err_msg=a.path)
         moved = batch_norm_values(copy_of(model, moving))
-        assert all(not np.array_equal(v, moved[k]) for k, v in batch_norm_values(expected).items())
+        assert all(not np.array_equal(value, moved[key])
+                   for key, value in batch_norm_values(expected).items())
         # ... and the validation loss of that epoch was computed with it.
         population_loss = copy_of(model, population).evaluate(val_x, val_y, verbose=0)
         moving_loss = copy_of(model, moving).evaluate(val_x, val_y, verbose=0)
@@ -95,8 +97,9 @@ def test_validation_and_checkpoints_see_population_statistics(rng, tmp_path):
         np.testing.assert_array_equal(a.numpy(), b)
     for a, b in zip(model.weights, after.weights[-1]):  # weights unchanged since: same pass
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-6, atol=0)
-    assert callback.summary is not None and callback.summary.examples == 96
-    # One trace of the pass for the whole of fit (2 validations and the end).
+    assert callback.summary is not None and callback.summary.examples == 100
+    # One trace of the pass for the whole of fit (2 validations and the end), the last
+    # partial batch included.
     assert callback._pass._step.experimental_get_tracing_count() == 1
 
     # evaluate outside fit leaves the statistics alone.

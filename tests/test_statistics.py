@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 
 import keras
 import numpy as np
@@ -256,9 +255,10 @@ def test_steps_limits_the_batches(rng):
     assert_model_statistics(model, first, 8)
 
 
-def test_renorm_and_bessel_layers_get_consistent_statistics(rng):
-    """Bessel: n/(n-1)·σ². Renorm: moving_stddev = renorm_stddev = sqrt(σ²+ε), renorm_mean = μ,
-    moving_variance = relu(moving_stddev² − ε); the renorm corrections stay fixed in the pass."""
+def test_renorm_bessel_and_ghost_layers_get_consistent_statistics(rng):
+    """Bessel: n/(n-1)·σ². Renorm: moving_stddev = renorm_stddev = sqrt(σ²+ε),
+    renorm_mean = μ, moving_variance = relu(moving_stddev² − ε); the renorm corrections
+    stay fixed in the pass."""
     kinds = {
         "renorm": lambda name: kerasbn_bn(name=name, renorm=True, epsilon=0.01,
                                           renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
@@ -267,6 +267,9 @@ def test_renorm_and_bessel_layers_get_consistent_statistics(rng):
         "bessel": lambda name: kerasbn_bn(name=name, bessel_correction=True),
         "renorm_bessel": lambda name: kerasbn_bn(name=name, renorm=True,
                                                  bessel_correction=True),
+        # Ghost batch norm: groups of 4 normalized apart in training; the population is
+        # still every value the layer saw.
+        "ghost": lambda name: kerasbn_bn(name=name, virtual_batch_size=4),
     }
     inputs = keras.Input((4,))
     outputs = []
@@ -735,7 +738,8 @@ def test_two_workers_get_identical_population_statistics(rng, tmp_path):
     batches = [x[i:i + BATCH] for i in range(0, len(x), BATCH)]
     clone = keras.models.clone_model(model)
     clone.set_weights(weights)
-    probe = keras.Model(clone.inputs[0], [layer_input(clone.get_layer(name)) for name in names])
+    probe = keras.Model(clone.inputs[0],
+                        [layer_input(clone.get_layer(name)) for name in names])
     captured = [np.concatenate(values) for values in
                 zip(*[[np.asarray(v, np.float64) for v in probe(b, training=True)]
                       for b in batches])]
@@ -795,7 +799,8 @@ def test_population_variance_against_averaged_batch_variances_on_digits(capsys):
             fraction = between / population
             gap = update_bn / unbiased - 1
             lines.append(
-                f"{order:8s} batch {batch_size:3d} (last {int(n[-1, 0]):2d}): σ²_between/σ² "
+                f"{order:8s} batch {batch_size:3d} (last {int(n[-1, 0]):2d}): "
+                f"σ²_between/σ² "
                 f"median {np.median(fraction):.2%} (max {fraction.max():.2%}); update_bn vs "
                 f"population: median {np.median(gap):+.2%} "
                 f"(range {gap.min():+.2%} .. {gap.max():+.2%})")
