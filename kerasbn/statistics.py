@@ -197,10 +197,23 @@ def _argument_error(argument, value, allowed, detail=""):
 
 
 def _describe(value):
-    text = repr(value)
-    if len(text) > 200:
-        text = f"<{type(value).__name__}: {text[:160]}...>"
-    return text
+    """A short description of an argument: arrays by type, shape and dtype, else its repr."""
+    def short(item):
+        if hasattr(item, "shape") and hasattr(item, "dtype") and not isinstance(
+                item, (tf.data.Dataset, tf.distribute.DistributedDataset)):
+            return f"{type(item).__name__}(shape={tuple(item.shape)}, dtype={item.dtype})"
+        return item
+
+    if isinstance(value, (dict, list, tuple)) or hasattr(value, "shape"):
+        try:
+            shown = tf.nest.map_structure(short, value)
+            text = shown if isinstance(shown, str) else repr(shown).replace("'", "")
+            text = text if isinstance(value, (dict, list, tuple)) else shown
+            return text if len(text) <= 300 else text[:300] + "...>"
+        except (TypeError, ValueError):
+            pass
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 200 else f"<{type(value).__name__}: {text[:160]}...>"
 
 
 def _shortened(error, limit=600):
@@ -479,20 +492,20 @@ class PopulationPass:
         try:
             self._step(batch)
         except _DataMismatch as mismatch:
-            raise self._mismatch_error(data, mismatch.spec, mismatch.__cause__) from (
-                mismatch.__cause__)
+            raise self._mismatch_error(data, mismatch.spec, mismatch.error) from (
+                mismatch.error)
         except tf.errors.InvalidArgumentError as error:
             spec = getattr(dataset, "element_spec", None)
             raise self._mismatch_error(data, spec, error) from error
 
     def _mismatch_error(self, data, spec, error):
         try:
-            expected = [(tuple(t.shape), str(t.dtype)) for t in self.model.inputs]
+            expected = [f"{t.name}: {tuple(t.shape)} {t.dtype}" for t in self.model.inputs]
         except (AttributeError, TypeError, ValueError):
             expected = None
         fits = f"batches that fit the inputs of model '{self.model.name}'"
         if expected is not None:
-            fits += f" (shape, dtype: {expected})"
+            fits += f" ({', '.join(expected)})"
         return _argument_error(
             "data", data, fits,
             f"Its batches are {spec}; calling the model on them failed: {_shortened(error)}")
@@ -510,7 +523,7 @@ class PopulationPass:
         try:
             self.model(x, training=False)
         except (ValueError, TypeError) as error:
-            raise _DataMismatch(_spec_of(x)) from error
+            raise _DataMismatch(_spec_of(x), error) from error
         finally:
             collected, self._local.moments = self._local.moments, None
         flat = [t for layer_moments in collected for parts in layer_moments for t in parts]
@@ -611,9 +624,10 @@ class PopulationPass:
 class _DataMismatch(Exception):
     """Carries a model call's error on a batch out of the replica function (tracing)."""
 
-    def __init__(self, spec):
+    def __init__(self, spec, error):
         super().__init__(str(spec))
         self.spec = spec
+        self.error = error  # kept here: re-raising through tf.function drops __cause__
 
 
 def _spec_of(x):

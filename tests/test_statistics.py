@@ -497,6 +497,16 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(case, rng):
     assert all("call" not in vars(layer) for layer in model._flatten_layers())
 
 
+def test_data_missing_an_input_is_named_in_the_error(rng):
+    model = build_model(kerasbn_bn)
+    before = moving_values(model)
+    data = make_data(rng, 10)
+    with pytest.raises(ValueError, match=r"`data`.*sequence: \(None, 5, 4\).*received "
+                                         r"data=\{image: ndarray\(shape=\(10, 6, 6, 3\)"):
+        kerasbn.recompute_statistics(model, {"image": data["image"]}, batch_size=4, verbose=0)
+    assert_same_values(before, moving_values(model))
+
+
 def test_a_model_without_batch_norms_or_only_frozen_ones_is_refused(rng):
     plain = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="`model`.*holding at least one BatchNormalization"):
