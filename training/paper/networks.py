@@ -135,38 +135,43 @@ class Probe:
 
         self._model = model
         self._inner = keras.Model(model.inputs, model.get_layer(SIGMOID_INPUT).input)
-        images = [tf.TensorSpec((None,) + tuple(model.inputs[0].shape[1:]), tf.float32)]
+        shape = tuple(model.inputs[0].shape[1:])
         self._predict = tf.function(lambda images: model(images, training=False),
-                                    input_signature=images)
-        self._read = tf.function(self._read_restoring, input_signature=images)
+                                    input_signature=[tf.TensorSpec((None,) + shape)])
+        self._read = tf.function(self._read_restoring,
+                                 input_signature=[tf.TensorSpec((None, None) + shape)])
 
-    def _read_restoring(self, images):
+    def _read_restoring(self, batches):
         import tensorflow as tf
 
         state = self._model.non_trainable_variables
         saved = [tf.identity(variable.value) for variable in state]
+        values = tf.TensorArray(tf.float32, size=tf.shape(batches)[0])
         with tf.control_dependencies(saved):
-            values = self._inner(images, training=True)
-        with tf.control_dependencies([values]):
+            for i in tf.range(tf.shape(batches)[0]):
+                values = values.write(i, self._inner(batches[i], training=True))
+        stacked = values.stack()
+        with tf.control_dependencies([stacked]):
             for variable, value in zip(state, saved):
                 variable.assign(value)
-        return tf.identity(values)
+        return tf.identity(stacked)
 
     def probabilities(self, images):
         """The class probabilities of `images` in inference mode, NumPy `(n, 10)`."""
         return self._predict(images).numpy()
 
-    def pre_activations(self, images):
-        """The last hidden layer's sigmoid inputs for one training-mode batch.
+    def pre_activations(self, batches):
+        """The last hidden layer's sigmoid inputs, each batch in training mode.
 
         Args:
-            images: one batch, `(n, 28, 28, 1)`.
+            batches: `(k, n, 28, 28, 1)`: k batches of n images.
 
         Returns:
-            NumPy `(n, 100)`: row i holds the input of each sigmoid for image i, its
-            batch norms normalizing with the statistics of this batch.
+            NumPy `(k * n, 100)`: row i holds the input of each sigmoid for image i, its
+            batch norms normalizing with the statistics of that image's batch.
         """
-        return self._read(images).numpy()
+        values = self._read(batches).numpy()
+        return values.reshape(-1, values.shape[-1])
 
 
 def accuracy(probabilities, labels):

@@ -126,6 +126,9 @@ class Runner:
         self.arrays = arrays
         self._train = (tf.constant(arrays.train_images), tf.constant(arrays.train_labels))
         self._test_images = tf.constant(arrays.test_images)
+        whole = len(arrays.test_labels) // BATCH_SIZE * BATCH_SIZE
+        self._test_batches = tf.reshape(self._test_images[:whole],
+                                        (-1, BATCH_SIZE) + arrays.image_shape)
         self._models = {}
         self._kernels = {}
 
@@ -160,11 +163,7 @@ class Runner:
         result = networks.accuracy(probabilities, self.arrays.test_labels)
         if not with_percentiles:
             return result, None
-        batches = len(self.arrays.test_labels) // BATCH_SIZE
-        values = np.concatenate([
-            trained.probe.pre_activations(images[i * BATCH_SIZE:(i + 1) * BATCH_SIZE])
-            for i in range(batches)])
-        return result, networks.percentiles(values)
+        return result, networks.percentiles(trained.probe.pre_activations(self._test_batches))
 
     def run(self, variant, seed, *, learning_rate, steps, batch_size, evaluate_at=None,
             init_scale=1.0, virtual_batch_size=None, with_percentiles=False):
