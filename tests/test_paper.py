@@ -75,6 +75,7 @@ def test_quick_run_writes_every_series_to_json(quick_run):
     for variant in experiments.FIGURE1_VARIANTS:
         assert np.shape(figure1[variant]["accuracy"]) == (quick.seeds, evaluations)
         assert np.shape(figure1[variant]["percentiles"]) == (quick.seeds, evaluations, 3)
+        assert len(figure1[variant]["train_accuracy"]) == quick.seeds
     for key, values in (("learning_rates", quick.learning_rates),
                         ("initialization", quick.init_scales)):
         assert results[key]["values"] == list(values)

@@ -34,7 +34,8 @@ def convergence(figure1, variants=("none", "kerasbn", "keras")):
     Returns:
         A dict variant -> {"steps_to": {target: [per seed, None if never]},
         "median_steps_to": {target: the median over seeds, None if any seed never got
-        there}, "final": [per seed], "final_mean", "final_sd"}.
+        there}, "final": [per seed], "final_mean", "final_sd", "train_mean" (the
+        final accuracy on the training split, mean over seeds)}.
     """
     result = {}
     for variant in variants:
@@ -49,6 +50,7 @@ def convergence(figure1, variants=("none", "kerasbn", "keras")):
             "final": finals,
             "final_mean": float(np.mean(finals)),
             "final_sd": float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0,
+            "train_mean": float(np.mean(figure1[variant].get("train_accuracy", np.nan))),
         }
     return result
 
@@ -196,7 +198,8 @@ def claim_final_accuracy(summary):
     held = bool(difference > AGREEMENT_SIGMAS * noise + 0.002)
     return held, (f"final test accuracy BN {ours['final_mean']:.3f} ± {ours['final_sd']:.3f},"
                   f" no BN {theirs['final_mean']:.3f} ± {theirs['final_sd']:.3f} "
-                  f"(mean ± sd over seeds; difference {difference:+.3f})")
+                  f"(mean ± sd over seeds; difference {difference:+.3f}); on the training "
+                  f"images BN {ours['train_mean']:.3f}, no BN {theirs['train_mean']:.3f}")
 
 
 def claim_steady(summary):

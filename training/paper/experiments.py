@@ -43,15 +43,17 @@ def figure1(runner, config, progress):
 
     Returns:
         A dict: "steps" (the evaluation steps), "learning_rate", "unit" (the plotted
-        unit), and per variant: "accuracy" (seeds × steps), "percentiles" (seeds × steps
-        × 3: the plotted unit's 15/50/85th), and "unit_percentiles" (seeds × steps × 3 ×
-        units, for the drift over all units; not written to the JSON).
+        unit), and per variant: "accuracy" (seeds × steps), "train_accuracy" (one a
+        seed: on the training split at the end), "percentiles" (seeds × steps × 3: the
+        plotted unit's 15/50/85th), and "unit_percentiles" (seeds × steps × 3 × units,
+        for the drift over all units; not written to the JSON).
     """
     steps = evaluation_steps(config.steps, config.evaluations)
     result = {"steps": steps, "learning_rate": config.learning_rate, "unit": PLOTTED_UNIT,
               "batch_size": BATCH_SIZE}
     for variant in FIGURE1_VARIANTS:
-        result[variant] = {"accuracy": [], "percentiles": [], "unit_percentiles": []}
+        result[variant] = {"accuracy": [], "train_accuracy": [], "percentiles": [],
+                           "unit_percentiles": []}
     for seed in range(config.seeds):
         for variant in FIGURE1_VARIANTS:
             run = _timed(progress, f"figure 1, seed {seed + 1}/{config.seeds}, {variant}",
@@ -60,6 +62,7 @@ def figure1(runner, config, progress):
                                             evaluate_at=steps, with_percentiles=True))
             series = result[variant]
             series["accuracy"].append(run.accuracy)
+            series["train_accuracy"].append(runner.train_accuracy(runner.model(variant)))
             series["percentiles"].append(run.percentiles[:, :, PLOTTED_UNIT].tolist())
             series["unit_percentiles"].append(run.percentiles)
     return result

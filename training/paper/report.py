@@ -76,17 +76,18 @@ def _verdicts(results):
 def _convergence(results):
     numbers = results["summary"]["convergence"]
     head = " | ".join(f"steps to {t:.0%}" for t in TARGETS)
-    lines = [f"| network | {head} | final test accuracy |",
-             "| --- |" + " --- |" * (len(TARGETS) + 1)]
+    lines = [f"| network | {head} | final test accuracy | final training accuracy |",
+             "| --- |" + " --- |" * (len(TARGETS) + 2)]
     for variant, name in (("none", "no BN"), ("kerasbn", "kerasbn BN"),
                           ("keras", "stock Keras BN")):
         row = numbers[variant]
         cells = [", ".join("never" if s is None else str(s) for s in row["steps_to"][str(t)])
                  for t in TARGETS]
         lines.append(f"| {name} | " + " | ".join(cells) +
-                     f" | {row['final_mean']:.3f} ± {row['final_sd']:.3f} |")
+                     f" | {row['final_mean']:.3f} ± {row['final_sd']:.3f} | "
+                     f"{row['train_mean']:.3f} |")
     return lines + ["", "Steps are per seed (first evaluation at or above the target); "
-                    "final accuracy is mean ± sd over seeds."]
+                    "final accuracies are mean ± sd (test) and mean (training) over seeds."]
 
 
 def _drift(results):

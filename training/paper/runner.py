@@ -165,6 +165,14 @@ class Runner:
             return result, None
         return result, networks.percentiles(trained.probe.pre_activations(self._test_batches))
 
+    def train_accuracy(self, trained):
+        """The accuracy of `trained` on the training split, in inference mode."""
+        images = self._train[0]
+        probabilities = np.concatenate([
+            trained.probe.probabilities(images[i:i + EVAL_BATCH])
+            for i in range(0, len(self.arrays.train_labels), EVAL_BATCH)])
+        return networks.accuracy(probabilities, self.arrays.train_labels)
+
     def run(self, variant, seed, *, learning_rate, steps, batch_size, evaluate_at=None,
             init_scale=1.0, virtual_batch_size=None, with_percentiles=False):
         """Trains one variant from the seed's initial weights, in the seed's data order.
