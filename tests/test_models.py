@@ -174,3 +174,58 @@ def test_the_resnet_has_the_size_its_docstring_gives():
 def test_numpy_integers_are_accepted_as_shapes_and_class_counts():
     model = models.build_model("mlp", tuple(np.array(INPUT_SHAPE)), np.int64(10), "none")
     assert model.output_shape == (None, 10)
+
+
+def test_kerasbn_layer_options_reach_every_layer_and_train(rng):
+    model = models.build_model("resnet", INPUT_SHAPE, NUM_CLASSES, "kerasbn",
+                               virtual_batch_size=4, momentum_warmup=True, renorm=True)
+    norms = batch_norms(model)
+    assert len(norms) == RESNET_BATCH_NORMS
+    for layer in norms:
+        assert (layer.virtual_batch_size, layer.momentum_warmup, layer.renorm) == (
+            4, True, True)
+    # A batch of 10 trains in groups 4, 4, 2; the update counter counts one update.
+    x = images(rng, batch=10)
+    probabilities = keras.ops.convert_to_numpy(model(x, training=True))
+    assert np.all(np.isfinite(probabilities))
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(model.get_layer("stem_bn").update_count), 1)
+
+
+def test_without_options_the_layers_are_the_ones_always_built():
+    model = models.build_model("mlp", INPUT_SHAPE, NUM_CLASSES, "kerasbn")
+    for layer in batch_norms(model):
+        assert (layer.virtual_batch_size, layer.momentum_warmup, layer.renorm) == (
+            None, False, False)
+
+
+def test_keras_layers_take_the_options_keras_has(rng):
+    model = models.build_model("mlp", INPUT_SHAPE, NUM_CLASSES, "keras", renorm=True)
+    for layer in batch_norms(model):
+        assert type(layer) is keras.layers.BatchNormalization and layer.renorm
+    assert np.all(np.isfinite(keras.ops.convert_to_numpy(model(images(rng),
+                                                                training=True))))
+
+
+@pytest.mark.parametrize("bn, options, expected", [
+    ("keras", {"virtual_batch_size": 8},
+     r"\['virtual_batch_size'\] are not arguments of keras.layers.BatchNormalization "
+     r"\(bn='keras'\); use bn='kerasbn'"),
+    ("none", {"renorm": True}, r"batch-norm options \['renorm'\] need a batch norm; "
+                               r"received bn='none'"),
+])
+def test_options_the_batch_norm_does_not_have_are_refused(bn, options, expected):
+    with pytest.raises(ValueError, match=expected) as error:
+        models.build_model("mlp", INPUT_SHAPE, NUM_CLASSES, bn, **options)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("size", [0, -2, 2.5])
+def test_a_virtual_batch_size_is_checked_by_the_kerasbn_layer_itself(size):
+    with pytest.raises(ValueError) as error:
+        models.build_model("mlp", INPUT_SHAPE, NUM_CLASSES, "kerasbn",
+                           virtual_batch_size=size)
+    message = str(error.value)
+    assert "BatchNormalization layer 'hidden1_bn'" in message
+    assert "argument `virtual_batch_size`" in message
+    assert f"virtual_batch_size={size!r}" in message

@@ -1,6 +1,7 @@
 """The models of the training programs, each with kerasbn, stock Keras or no batch norm.
 
     model = build_model("resnet", (8, 8, 1), 10, bn="kerasbn", synchronized=True)
+    ghost = build_model("mlp", (8, 8, 1), 10, bn="kerasbn", virtual_batch_size=8)
 
 - "resnet": a small residual network for small images. A stem (3×3 convolution → BN →
   ReLU), then stages of basic residual blocks (conv → BN → ReLU → conv → BN, added to
@@ -34,7 +35,7 @@ MLP_UNITS = (100, 100, 100)
 
 
 def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
-                bn_momentum=0.99, bn_jit_compile=True):
+                bn_momentum=0.99, bn_jit_compile=True, **bn_options):
     """Builds one of the models (see the module docstring).
 
     Args:
@@ -50,14 +51,21 @@ def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
             the old value in the moving averages), checked by the layer.
         bn_jit_compile: the `jit_compile` argument of the kerasbn layers (whether
             they run their math as XLA programs); ignored for "keras" and "none".
+        **bn_options: further keyword arguments of every batch-norm layer, checked
+            by the layer: for "kerasbn" any of `kerasbn.BatchNormalization`'s (e.g.
+            `virtual_batch_size=8`, `renorm=True`, `momentum_warmup=True`); for
+            "keras" those `keras.layers.BatchNormalization` takes (e.g.
+            `renorm=True`); none for "none".
 
     Returns:
         A functional `keras.Model` named after `name` and `bn`, e.g.
         "resnet_kerasbn", outputting class probabilities.
 
     Raises:
-        ValueError: if `name`, `bn`, `input_shape` or `num_classes` is not allowed, or
-            the batch-norm layer refuses `bn_momentum` (kerasbn's names `momentum`).
+        ValueError: if `name`, `bn`, `input_shape` or `num_classes` is not allowed, an
+            option in `bn_options` is not one of the `bn` layer's, or the layer
+            refuses `bn_momentum` or an option (kerasbn's message names the argument,
+            e.g. `momentum` or `virtual_batch_size`).
     """
     import keras
 
@@ -81,7 +89,9 @@ def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
     if not _is_int(num_classes) or num_classes < 2:
         raise ValueError("build_model: argument `num_classes` must be an int >= 2; "
                          f"received num_classes={num_classes!r}.")
-    norm = _batch_norm_factory(bn, bool(synchronized), bn_momentum, bool(bn_jit_compile))
+    _check_bn_options(bn, bn_options)
+    norm = _batch_norm_factory(bn, bool(synchronized), bn_momentum, bool(bn_jit_compile),
+                               bn_options)
     builder = _resnet if name == "resnet" else _mlp
     inputs = keras.Input(tuple(int(d) for d in input_shape), name="images")
     outputs = builder(inputs, int(num_classes), norm)
@@ -92,7 +102,29 @@ def _is_int(value):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _batch_norm_factory(bn, synchronized, momentum, jit_compile):
+def _check_bn_options(bn, bn_options):
+    """Refuses options the `bn` layer has no argument for (its own checks come later)."""
+    import inspect
+
+    import keras
+
+    if not bn_options:
+        return
+    if bn == "none":
+        raise ValueError(f"build_model: batch-norm options {sorted(bn_options)} need a "
+                         f"batch norm; received bn='none' with {bn_options!r}.")
+    if bn == "keras":
+        accepted = {*inspect.signature(keras.layers.BatchNormalization.__init__).parameters,
+                    *inspect.signature(keras.layers.Layer.__init__).parameters}
+        unknown = sorted(set(bn_options) - accepted)
+        if unknown:
+            raise ValueError(
+                f"build_model: {unknown} are not arguments of "
+                "keras.layers.BatchNormalization (bn='keras'); use bn='kerasbn' for "
+                f"kerasbn's options; received {bn_options!r}.")
+
+
+def _batch_norm_factory(bn, synchronized, momentum, jit_compile, options):
     """A function name -> batch-norm layer, or None for "none"."""
     import keras
 
@@ -102,9 +134,10 @@ def _batch_norm_factory(bn, synchronized, momentum, jit_compile):
         return None
     if bn == "keras":
         return lambda name: keras.layers.BatchNormalization(
-            momentum=momentum, synchronized=synchronized, name=name)
+            momentum=momentum, synchronized=synchronized, name=name, **options)
     return lambda name: kerasbn.BatchNormalization(
-        momentum=momentum, synchronized=synchronized, jit_compile=jit_compile, name=name)
+        momentum=momentum, synchronized=synchronized, jit_compile=jit_compile, name=name,
+        **options)
 
 
 def _conv_bn(x, filters, kernel_size, strides, norm, name, relu=True):
