@@ -74,3 +74,41 @@ def test_examples_per_second_uses_the_median_epoch_after_the_first():
     assert callbacks.examples_per_second(100, [60.0, 2.0]) == pytest.approx(50.0)
     assert callbacks.examples_per_second(100, [4.0]) == pytest.approx(25.0)
     assert np.isnan(callbacks.examples_per_second(100, []))
+
+
+def summaries(log_dir):
+    """{tag: [(step, value as array)]} of every tf.summary event file under log_dir."""
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(log_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(
+                    (event.step, tf.make_ndarray(value.tensor)))
+    return found
+
+
+def test_population_statistics_are_written_beside_the_moving_averages(tmp_path, rng):
+    model = keras.Sequential([keras.Input((3,)), kerasbn.BatchNormalization(name="bn")])
+    model.compile(loss="mse", optimizer="sgd")
+    x = rng.normal(2.0, 3.0, (32, 3)).astype("float32")
+    model.fit(x, x, epochs=2, verbose=0,
+              callbacks=[callbacks.BatchNormStatistics(str(tmp_path))])
+    kerasbn.recompute_statistics(model, x, verbose=0)
+    callbacks.write_population_statistics(str(tmp_path), model, step=1)
+
+    found = summaries(tmp_path)
+    layer = model.get_layer("bn")
+    for key, tag in (("moving_mean", "population_mean"),
+                     ("moving_variance", "population_variance")):
+        assert [step for step, _ in found[f"bn/{key}"]] == [0, 1]
+        (step, histogram), = found[f"bn/{tag}"]
+        assert step == 1 and histogram.size > 0
+        (step, channel_mean), = found[f"bn/{tag}_channel_mean"]
+        served = keras.ops.convert_to_numpy(getattr(layer, key))
+        assert step == 1
+        assert float(channel_mean) == pytest.approx(float(served.mean()), rel=1e-6)
+    # The population mean is the data's (the moving average after 2 updates is not).
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.moving_mean),
+                               x.mean(axis=0), rtol=1e-5)

@@ -3,6 +3,8 @@
     timer = EpochTimer()
     model.fit(..., callbacks=[timer, BatchNormStatistics("runs/train/logs/batch_norm")])
     examples_per_second(examples_per_epoch, timer.seconds)
+    kerasbn.recompute_statistics(model, train)
+    write_population_statistics("runs/train/logs/batch_norm", model, step=epochs - 1)
 """
 
 import time
@@ -13,6 +15,10 @@ import tensorflow as tf
 import kerasbn
 
 BATCH_NORM_KINDS = (kerasbn.BatchNormalization, keras.layers.BatchNormalization)
+# TensorBoard tags, after "<layer name>/": {statistic: tag}.
+MOVING_TAGS = {"moving_mean": "moving_mean", "moving_variance": "moving_variance"}
+POPULATION_TAGS = {"moving_mean": "population_mean",
+                   "moving_variance": "population_variance"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -70,17 +76,41 @@ class BatchNormStatistics(keras.callbacks.Callback):
         statistics = batch_norm_statistics(self.model)
         if self._writer is None:
             return
-        with self._writer.as_default(step=epoch):
-            for name, stats in statistics.items():
-                for key in ("moving_mean", "moving_variance"):
-                    tf.summary.histogram(f"{name}/{key}", stats[key])
-                    tf.summary.scalar(f"{name}/{key}_channel_mean", float(stats[key].mean()))
-        self._writer.flush()
+        _write(self._writer, statistics, epoch, MOVING_TAGS)
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def write_population_statistics(log_dir, model, step):
+    """Writes each batch norm's statistics, after a population pass, to TensorBoard.
+
+    Beside `BatchNormStatistics`'s moving averages, under `<layer name>/population_mean`
+    and `<layer name>/population_variance` (histograms over the channels, and scalars of
+    their channel means with the suffix `_channel_mean`), so that TensorBoard shows how
+    far the moving averages were from the population statistics at the same step.
+
+    Args:
+        log_dir: the directory of the summaries (`BatchNormStatistics`'s).
+        model: the model whose batch norms hold population statistics.
+        step: the step to write at: the last epoch (0-based), as Keras counts.
+    """
+    writer = tf.summary.create_file_writer(log_dir)
+    try:
+        _write(writer, batch_norm_statistics(model), step, POPULATION_TAGS)
+    finally:
+        writer.close()
+
+
+def _write(writer, statistics, step, tags):
+    with writer.as_default(step=step):
+        for name, stats in statistics.items():
+            for key, tag in tags.items():
+                tf.summary.histogram(f"{name}/{tag}", stats[key])
+                tf.summary.scalar(f"{name}/{tag}_channel_mean", float(stats[key].mean()))
+    writer.flush()
 
 
 class InterruptAfterEpoch(keras.callbacks.Callback):
