@@ -89,19 +89,19 @@ def check(args):
     """Refuses, before anything long starts, what would end in a traceback.
 
     Raises:
-        UsageError: matplotlib is missing, --download without --dataset mnist, or --out
-            names a file.
+        UsageError: --download without --dataset mnist, --out names a file, or
+            matplotlib is missing.
         training.mnist_dataset.MlxtendMissingError: see `datasets.check_available`.
     """
-    if importlib.util.find_spec(PLOT_MODULE) is None:
-        raise UsageError(f"{PLOT_MODULE} is not installed; training.paper draws its "
-                         f"figures with it: {INSTALL_HINT}")
     if args.download and args.dataset != "mnist":
         raise UsageError(f"argument --download applies to --dataset mnist only; received "
                          f"--dataset {args.dataset}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"argument --out must be a directory; received {args.out!r}, "
                          "a file")
+    if importlib.util.find_spec(PLOT_MODULE) is None:
+        raise UsageError(f"{PLOT_MODULE} is not installed; training.paper draws its "
+                         f"figures with it: {INSTALL_HINT}")
     datasets.check_available(args.dataset, args.data_dir)
 
 
