@@ -25,8 +25,8 @@ PROGRAM_START = time.perf_counter()
 USAGE = f"""\
 The claims of Ioffe & Szegedy (2015) reproduced with kerasbn on real MNIST.
 
-    python -m training.paper                  # the default run: under 10 minutes on 2 cores
-    python -m training.paper --quick          # every experiment, tiny: under a minute
+    python -m training.paper                  # the default: ~8 min of CPU, 2 idle cores
+    python -m training.paper --quick          # every experiment, tiny: under a minute idle
     python -m training.paper --seeds 5 --steps 5000 --out results/long
 
 Runs the paper's network (3 hidden layers of 100 sigmoids, batch 60, plain SGD)
