@@ -25,7 +25,7 @@ PROGRAM_START = time.perf_counter()
 USAGE = f"""\
 The claims of Ioffe & Szegedy (2015) reproduced with kerasbn on real MNIST.
 
-    python -m training.paper                  # the default: ~8 min of CPU, 2 idle cores
+    python -m training.paper                  # the default: about 8 minutes of CPU time
     python -m training.paper --quick          # every experiment, tiny: under a minute idle
     python -m training.paper --seeds 5 --steps 5000 --out results/long
 
