@@ -403,8 +403,11 @@ class PopulationPass:
                 for i, layer in enumerate(self.layers)
             ]
             self._tallies = self._new_variable([2], "population_tallies")  # skipped, examples
-        self._step = tf.function(self._distributed_step, reduce_retracing=True)
-        self._finish = tf.function(self._distributed_finish)
+        # Partials, not bound methods: TensorFlow counts traces per code object, and a
+        # process that recomputes many models would be warned of "frequent retracing".
+        self._step = tf.function(functools.partial(type(self)._distributed_step, self),
+                                 reduce_retracing=True)
+        self._finish = tf.function(functools.partial(type(self)._distributed_finish, self))
 
     @staticmethod
     def _new_variable(shape, name):
