@@ -1,12 +1,17 @@
-"""Tests of training.train: the command line end to end, XLA, replicas, resumption.
+"""Tests of training.train: the command line end to end, XLA, replicas, resumption,
+the population-statistics pass and the batch-norm option flags.
 
 Runs that need a fresh TensorFlow (XLA auto-clustering must be switched on before it
 starts) run `python -m training.train` as subprocesses, launched when this module's first
 test starts so that they run while the in-process tests do; the in-process runs use the
-4 logical CPU devices conftest.py makes. Every run trains the MLP for 2 epochs of 2
+4 logical CPU devices conftest.py makes. Most runs train the MLP for 2 epochs of 2
 steps on "digits" (prepared into a temporary tfds data dir), from the same seed, with
 batch-norm momentum 0.5 so that the moving statistics end far from their initial
-values and a wrong or missing update shows.
+values and a wrong or missing update shows; each ends with the population pass (one
+pass over the training split, its last batch partial), so the weights compared across
+devices, workers and XLA include the recomputed statistics. Two runs are the program's
+defaults (the ResNet, 2 full epochs, momentum 0.99), on one device and on 4 replicas
+with XLA: the accuracy targets of the population pass.
 """
 
 import dataclasses
@@ -27,12 +32,20 @@ from training import data, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_TIMEOUT_SECONDS = 420
+# The 4-replica XLA run of the defaults compiles its step for 4 replicas, and again for
+# the partial batches of training and of the population pass: minutes on 2 busy cores.
+TARGET_TIMEOUT_SECONDS = 2400
 RUN_FLAGS = ["--model", "mlp", "--epochs", "2", "--steps-per-epoch", "2",
              "--batch-size", "64", "--learning-rate", "0.1", "--bn-momentum", "0.5",
              "--seed", "3"]
 BATCH_NORM_LAYERS = ("hidden1_bn", "hidden2_bn", "hidden3_bn")
 FINAL_LINE = re.compile(r"^final: test_accuracy=(\d\.\d{4}) examples_per_second=(\d+\.\d) "
-                        r"checkpoint=(\S+)$")
+                        r"test_accuracy_moving_averages=(\d\.\d{4}) "
+                        r"statistics=(population|moving_averages|none) checkpoint=(\S+)$")
+# The flags of the accuracy targets: the defaults, 2 epochs (46 steps at momentum 0.99,
+# which move the moving averages only 37% of the way from their initial values).
+TARGET_FLAGS = ["--epochs", "2"]
+TARGET_ACCURACY = 0.95
 # XLA ↔ no XLA, and 4 replicas ↔ 1 device, after 4 SGD steps.
 XLA_TOLERANCE = 1e-4
 REPLICA_TOLERANCE = 1e-5
@@ -51,8 +64,8 @@ class Process:
     stdout_path: str
     stderr_path: str
 
-    def finished(self):
-        self.popen.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS)
+    def finished(self, timeout=SUBPROCESS_TIMEOUT_SECONDS):
+        self.popen.wait(timeout=timeout)
         with open(self.stdout_path) as f:
             self.stdout = f.read()
         with open(self.stderr_path) as f:
@@ -83,6 +96,10 @@ def processes(tmp_path_factory, digits_data_dir):
     tmp = os.fspath(tmp_path_factory.mktemp("processes"))
     flags = RUN_FLAGS + ["--data-dir", digits_data_dir]
     started = {
+        # The longest first.
+        "replicas_xla_target": launch(
+            tmp, "replicas_xla_target", TARGET_FLAGS + [
+                "--replicas", "4", "--sync-bn", "--xla", "--data-dir", digits_data_dir]),
         "bad_dataset": launch(tmp, "bad_dataset",
                               ["--dataset", "no_such_dataset", "--data-dir", digits_data_dir]),
         "one_device_xla": launch(tmp, "one_device_xla", flags + ["--xla"], dump=True),
@@ -124,6 +141,11 @@ def replicas_plain(in_process):
     return in_process("replicas_plain", "--no-xla", "--replicas", "4", "--sync-bn")
 
 
+def one_device_without_the_pass(in_process):
+    return in_process("one_device_without_the_pass", "--no-xla",
+                      "--no-population-statistics")
+
+
 def weights_of(checkpoint):
     """{variable path: value} of a saved model, moving statistics included."""
     model = keras.models.load_model(checkpoint)
@@ -143,11 +165,23 @@ def assert_statistics_moved(weights):
         assert np.max(np.abs(weights[f"{layer}/moving_variance"] - 1.0)) > 0.05, layer
 
 
+@dataclasses.dataclass
+class FinalLine:
+    """The final line's values, in its order."""
+
+    test_accuracy: float
+    examples_per_second: float
+    test_accuracy_moving_averages: float
+    statistics: str
+    checkpoint: str
+
+
 def final_line(stdout):
     lines = stdout.strip().splitlines()
     match = FINAL_LINE.match(lines[-1])
     assert match, f"last line is not the final line: {lines[-1]!r}"
-    return float(match.group(1)), float(match.group(2)), match.group(3)
+    accuracy, speed, moving, statistics, checkpoint = match.groups()
+    return FinalLine(float(accuracy), float(speed), float(moving), statistics, checkpoint)
 
 
 def hlo_modules(dump_dir, name_pattern):
@@ -188,7 +222,10 @@ def test_help_explains_every_flag():
                  "--learning-rate", "--bn", "--bn-momentum", "--replicas",
                  "--multi-worker", "--sync-bn", "--no-sync-bn", "--xla", "--no-xla",
                  "--mixed-precision", "--out", "--seed", "--steps-per-epoch",
-                 "--interrupt-after-epoch", "--download", "--no-download"):
+                 "--interrupt-after-epoch", "--download", "--no-download",
+                 "--population-statistics", "--no-population-statistics",
+                 "--population-batches", "--virtual-batch-size", "--renorm",
+                 "--bn-momentum-warmup"):
         assert flag in text, flag
     assert "{resnet,mlp}" in text and "{kerasbn,keras,none}" in text
     assert "{off,float16,bfloat16}" in text
@@ -197,7 +234,9 @@ def test_help_explains_every_flag():
 @pytest.mark.parametrize("flags", [["--model", "vgg"], ["--bn", "batchnorm"],
                                    ["--epochs", "0"], ["--batch-size", "-1"],
                                    ["--learning-rate", "0"], ["--bn-momentum", "high"],
-                                   ["--mixed-precision", "float8"]])
+                                   ["--mixed-precision", "float8"],
+                                   ["--population-batches", "0"],
+                                   ["--virtual-batch-size", "four"]])
 def test_bad_flags_are_refused_by_the_parser(flags, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args(flags)
@@ -314,6 +353,151 @@ def test_xla_with_cpu_replicas_is_refused_once_tensorflow_runs(digits_data_dir, 
     assert len(err) == 1 and "fresh process" in err[0] and "TF_XLA_FLAGS" in err[0]
 
 
+# ------------------------------------------------------------------ population statistics
+
+
+def test_the_default_run_serves_population_statistics_above_the_target(
+        digits_data_dir, tmp_path, capfd):
+    # The program's defaults (the ResNet, momentum 0.99), 2 epochs: 46 updates leave the
+    # moving averages 37% of the way to the data's statistics, and the test accuracy
+    # with them was 0.10; the pass before the final evaluation makes it >= 0.95.
+    results = train.main(TARGET_FLAGS + ["--data-dir", digits_data_dir,
+                                         "--out", os.fspath(tmp_path)])
+    out = capfd.readouterr().out
+    print(out[-3000:])
+    assert results["statistics"] == "population"
+    assert results["test_accuracy"] >= TARGET_ACCURACY
+    assert 0.0 <= results["test_accuracy_moving_averages"] <= 1.0
+    summary = results["population_statistics"]
+    assert (summary.batches, summary.examples, len(summary)) == (23, 1437, 9)
+    final = final_line(out)
+    assert final.test_accuracy == pytest.approx(results["test_accuracy"], abs=5e-5)
+    assert final.test_accuracy_moving_averages == pytest.approx(
+        results["test_accuracy_moving_averages"], abs=5e-5)
+
+
+def test_the_moving_average_accuracy_is_that_of_a_run_without_the_pass(
+        in_process, digits_data_dir):
+    with_pass = one_device_plain(in_process)
+    without = one_device_without_the_pass(in_process)
+    assert (with_pass["statistics"], without["statistics"]) == ("population",
+                                                                "moving_averages")
+    assert without["population_statistics"] is None
+    assert without["test_accuracy_moving_averages"] == without["test_accuracy"]
+    # The same training: the moving-average evaluation of the one is the other's.
+    assert with_pass["test_correct_moving_averages"] == without["test_correct"]
+    assert with_pass["test_loss_moving_averages"] == pytest.approx(without["test_loss"],
+                                                                   rel=1e-5)
+    served, moving = weights_of(with_pass["checkpoint"]), weights_of(without["checkpoint"])
+    assert_statistics_moved(served)
+    for path in served:
+        if path.endswith(("/moving_mean", "/moving_variance")):
+            assert not np.allclose(served[path], moving[path], rtol=1e-3), path
+        else:
+            np.testing.assert_allclose(served[path], moving[path], rtol=0, atol=1e-6,
+                                       err_msg=path)
+
+    # The checkpoint holds what recompute_statistics gives the trained model over the
+    # pass's batches: the program recomputes over the data it says it does.
+    model = keras.models.load_model(without["checkpoint"])
+    train_split, _, info = data.load("digits", data_dir=digits_data_dir)
+    args = train.parse_args(RUN_FLAGS)
+    batches = train.population_batches(train_split, args.batch_size, args.seed,
+                                       args.epochs)
+    kerasbn.recompute_statistics(model, batches, verbose=0)
+    recomputed = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
+    for path in served:
+        np.testing.assert_allclose(recomputed[path], served[path], rtol=1e-5, atol=1e-6,
+                                   err_msg=path)
+
+
+def test_the_pass_is_skipped_without_batch_norm(in_process, capfd):
+    capfd.readouterr()
+    results = in_process("no_batch_norm", "--no-xla", "--bn", "none")
+    out = capfd.readouterr().out
+    assert results["statistics"] == "none" and results["population_statistics"] is None
+    assert results["test_accuracy_moving_averages"] == results["test_accuracy"]
+    assert "population statistics: skipped (--bn none)" in out
+    assert final_line(out).statistics == "none"
+
+
+def test_stock_keras_renorm_layers_get_population_statistics_of_some_batches(in_process):
+    results = in_process("keras_renorm", "--no-xla", "--bn", "keras", "--renorm",
+                         "--population-batches", "5")
+    summary = results["population_statistics"]
+    assert (summary.batches, summary.examples) == (5, 5 * 64)
+    assert [layer.count for layer in summary] == [5 * 64] * len(BATCH_NORM_LAYERS)
+    model = keras.models.load_model(results["checkpoint"])
+    for name in BATCH_NORM_LAYERS:
+        layer = model.get_layer(name)
+        assert type(layer) is keras.layers.BatchNormalization and layer.renorm
+        # Recomputed consistently: renorm_mean = μ, renorm_stddev = moving_stddev.
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.renorm_mean),
+                                   keras.ops.convert_to_numpy(layer.moving_mean), rtol=1e-6)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(layer.renorm_stddev),
+                                   keras.ops.convert_to_numpy(layer.moving_stddev),
+                                   rtol=1e-6)
+    assert 0.0 <= results["test_accuracy_moving_averages"] <= 1.0
+
+
+# ------------------------------------------------------------------ batch-norm options
+
+
+def test_ghost_batches_warmup_and_renorm_train_with_kerasbn(in_process, capfd):
+    capfd.readouterr()
+    results = in_process("kerasbn_options", "--no-xla", "--virtual-batch-size", "16",
+                         "--bn-momentum-warmup", "--renorm")
+    out = capfd.readouterr().out
+    assert ("model: mlp, batch norm: kerasbn (synchronized), momentum_warmup=True, "
+            "virtual_batch_size=16, renorm=True, mixed precision: off") in out
+    assert results["statistics"] == "population"
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    model = keras.models.load_model(results["checkpoint"])
+    for name in BATCH_NORM_LAYERS:
+        layer = model.get_layer(name)
+        assert type(layer) is kerasbn.BatchNormalization
+        assert (layer.virtual_batch_size, layer.momentum_warmup, layer.renorm) == (
+            16, True, True)
+        # 4 training updates counted; the population pass left the counter alone.
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(layer.update_count), 4)
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--virtual-batch-size", "8", "--bn", "keras"],
+     "error: --virtual-batch-size 8 needs --bn kerasbn (kerasbn.BatchNormalization): "
+     "keras.layers.BatchNormalization (--bn keras) has no such option"),
+    (["--virtual-batch-size", "8", "--bn", "none"],
+     "error: --virtual-batch-size 8 needs --bn kerasbn (kerasbn.BatchNormalization): "
+     "--bn none has no batch norm"),
+    (["--bn-momentum-warmup", "--bn", "keras"],
+     "error: --bn-momentum-warmup needs --bn kerasbn (kerasbn.BatchNormalization): "
+     "keras.layers.BatchNormalization (--bn keras) has no such option"),
+    (["--renorm", "--bn", "none"],
+     "error: --renorm needs --bn kerasbn (kerasbn.BatchNormalization) or --bn keras "
+     "(keras.layers.BatchNormalization): --bn none has no batch norm"),
+], ids=["ghost-keras", "ghost-none", "warmup-keras", "renorm-none"])
+def test_an_option_the_batch_norm_does_not_have_is_one_line_naming_the_flag(
+        flags, line, tmp_path, capfd):
+    assert train.run(flags + ["--no-xla", "--out", os.fspath(tmp_path / "run")]) == \
+        train.EXIT_USAGE
+    assert one_line_on_stderr(capfd) == line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-3"])
+def test_a_virtual_batch_size_the_layer_refuses_is_one_line_naming_the_flag(
+        size, digits_data_dir, tmp_path, capfd):
+    code = train.run(RUN_FLAGS + ["--virtual-batch-size", size, "--no-xla",
+                                  "--data-dir", digits_data_dir,
+                                  "--out", os.fspath(tmp_path)])
+    assert code == train.EXIT_USAGE
+    line = one_line_on_stderr(capfd)
+    # The flag, then the layer's own message: its argument and the value received.
+    assert line.startswith(f"error: --virtual-batch-size {size}: BatchNormalization ")
+    assert "`virtual_batch_size`" in line and f"virtual_batch_size={size}" in line
+    assert not (tmp_path / train.CHECKPOINT_NAME).exists()
+
+
 # ------------------------------------------------------------------ replicas, resumption
 
 
@@ -361,8 +545,9 @@ def test_command_line_run_trains_saves_and_logs(processes, digits_data_dir):
     assert process.popen.returncode == 0, process.stderr[-3000:]
     assert "Traceback" not in process.stderr
     assert "Epoch 2/2" in process.stdout  # Keras's progress bar, per epoch
-    accuracy, speed, checkpoint = final_line(process.stdout)
-    assert speed > 0
+    final = final_line(process.stdout)
+    accuracy, checkpoint = final.test_accuracy, final.checkpoint
+    assert final.examples_per_second > 0
     assert checkpoint == os.path.join(process.out, train.CHECKPOINT_NAME)
     assert f"checkpoint: {checkpoint}" in process.stdout
 
@@ -374,20 +559,37 @@ def test_command_line_run_trains_saves_and_logs(processes, digits_data_dir):
     assert np.mean(predicted == labels.numpy()) == pytest.approx(accuracy, abs=5e-5)
     assert accuracy > 0.2  # 4 steps: well above chance (0.1), far from trained
 
-    # TensorBoard: Keras's epoch metrics, and each batch norm's moving statistics per
-    # epoch, the last of them equal to the checkpoint's.
+    # The population pass ran, printed its table, and both accuracies were reported.
+    assert final.statistics == "population"
+    assert "population statistics: recomputing every batch norm's moving mean and " \
+           "variance over one pass of the training data (batches of 64)" in process.stdout
+    assert "Population statistics over 23 batches (1437 examples, 0 skipped" in process.stdout
+    for layer in BATCH_NORM_LAYERS:
+        assert re.search(rf"^  {layer} +1437 ", process.stdout, re.MULTILINE), layer
+    assert (f"test accuracy: {accuracy:.4f} with the population statistics (what "
+            f"model.keras serves), {final.test_accuracy_moving_averages:.4f} with the "
+            "moving averages") in process.stdout
+
+    # TensorBoard: Keras's epoch metrics; each batch norm's moving averages per epoch,
+    # and at the last epoch its population statistics, equal to the checkpoint's.
     logs = os.path.join(process.out, train.LOGS_DIR)
     keras_logs = summaries(os.path.join(logs, "train"))
     assert [step for step, _ in keras_logs["epoch_loss"]] == [0, 1]
     statistics = summaries(os.path.join(logs, train.BATCH_NORM_LOGS))
     weights = weights_of(checkpoint)
+    moved = []
     for layer in BATCH_NORM_LAYERS:
-        for key in ("moving_mean", "moving_variance"):
+        for key, population in (("moving_mean", "population_mean"),
+                                ("moving_variance", "population_variance")):
             assert [step for step, _ in statistics[f"{layer}/{key}"]] == [0, 1]
-            channel_means = statistics[f"{layer}/{key}_channel_mean"]
-            assert [step for step, _ in channel_means] == [0, 1]
-            assert float(channel_means[-1][1]) == pytest.approx(
-                float(np.mean(weights[f"{layer}/{key}"])), rel=1e-5, abs=1e-6)
+            assert [step for step, _ in statistics[f"{layer}/{key}_channel_mean"]] == [0, 1]
+            assert [step for step, _ in statistics[f"{layer}/{population}"]] == [1]
+            (_, written), = statistics[f"{layer}/{population}_channel_mean"]
+            served = float(np.mean(weights[f"{layer}/{key}"]))
+            assert float(written) == pytest.approx(served, rel=1e-5, abs=1e-6)
+            last_moving = float(statistics[f"{layer}/{key}_channel_mean"][-1][1])
+            moved.append(abs(last_moving - served) > 1e-3 * (1 + abs(served)))
+    assert any(moved)  # the pass changed the statistics that training left
 
 
 def test_xla_compiles_the_whole_step_on_one_device(processes):
@@ -437,7 +639,7 @@ def test_xla_and_no_xla_reach_the_same_weights(processes, in_process, compiled_r
                                                plain_run):
     process = processes[compiled_run].finished()
     assert process.popen.returncode == 0, process.stderr[-3000:]
-    compiled = weights_of(final_line(process.stdout)[2])
+    compiled = weights_of(final_line(process.stdout).checkpoint)
     plain = weights_of(plain_run(in_process)["checkpoint"])
     assert_statistics_moved(plain)
     assert_same_weights(compiled, plain, XLA_TOLERANCE)
@@ -487,8 +689,24 @@ def test_two_workers_reach_the_weights_of_one_device(xla, digits_data_dir, tmp_p
         assert worker.returncode == 0, output[-2000:] + stderr.read_text()[-3000:]
     assert "MultiWorkerMirroredStrategy, 2 workers" in outputs[0]
     checkpoint = os.path.join(out, train.CHECKPOINT_NAME)
-    assert final_line(outputs[1])[2] == checkpoint  # the chief's checkpoint is the run's
+    assert final_line(outputs[1]).checkpoint == checkpoint  # the chief's is the run's
     assert not os.path.exists(os.path.join(out, "workers"))
     assert_same_weights(weights_of(checkpoint),
                         weights_of(one_device_plain(in_process)["checkpoint"]),
                         XLA_TOLERANCE if xla == "--xla" else REPLICA_TOLERANCE)
+
+
+# ------------------------------------------------------------------ the 4-replica target
+
+
+def test_four_replicas_with_xla_serve_population_statistics_above_the_target(processes):
+    # Last in this module: the in-process tests run while it does.
+    process = processes["replicas_xla_target"].finished(TARGET_TIMEOUT_SECONDS)
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    assert "xla: 4 CPU replicas" in process.stdout
+    final = final_line(process.stdout)
+    print(process.stdout.splitlines()[-15:])
+    assert final.statistics == "population"
+    assert final.test_accuracy >= TARGET_ACCURACY
+    assert 0.0 <= final.test_accuracy_moving_averages <= 1.0
+    assert "Population statistics over 23 batches (1437 examples" in process.stdout

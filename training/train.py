@@ -7,16 +7,26 @@
 
 What a run does: loads the dataset (`training.data`; "digits" is the offline default),
 builds the model with kerasbn's, Keras's or no batch norm, trains it with `model.fit`
-(SGD with momentum, a Keras progress bar per epoch), evaluates it on the test split and
-prints one final line:
+(SGD with momentum, a Keras progress bar per epoch), then recomputes every batch norm's
+statistics over the training data (`kerasbn.recompute_statistics` under the run's
+strategy, on every worker; --no-population-statistics skips it), saves and evaluates
+the model on the test split, with the population statistics it serves and with the
+moving averages training left, and prints one final line (wrapped here):
 
-    final: test_accuracy=0.9750 examples_per_second=1234.5 checkpoint=runs/train/model.keras
+    final: test_accuracy=0.9750 examples_per_second=1234.5
+        test_accuracy_moving_averages=0.1056 statistics=population
+        checkpoint=runs/train/model.keras
+
+`statistics=` says what the checkpoint's batch norms hold: `population`,
+`moving_averages` (--no-population-statistics; both accuracies are then the same) or
+`none` (--bn none).
 
 Under --out (default runs/train/) it writes
 
     model.keras      the trained model (`keras.models.load_model` reads it back)
     logs/            TensorBoard: Keras's losses and metrics, and per batch-norm layer the
                      histograms and channel means of moving_mean and moving_variance
+                     (each epoch) and of the population statistics (at the last epoch)
     backup/          `keras.callbacks.BackupAndRestore`'s state while training runs; an
                      interrupted run started again with the same --out resumes after the
                      last finished epoch, weights, optimizer and moving statistics included
@@ -65,8 +75,10 @@ from training.train_flags import (  # noqa: F401 -- the flag names are read here
     MOMENTUM,
     UsageError,
     build_parser,
+    bn_options,
     check_batch_split,
     check_bn_momentum,
+    check_bn_options,
     check_flags,
     make_directory,
     parse_args,
@@ -82,6 +94,8 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 3
 
 FINAL_LINE_PREFIX = "final:"
+# What the checkpoint's batch norms hold: the final line's `statistics=`.
+POPULATION, MOVING_AVERAGES, NO_STATISTICS = "population", "moving_averages", "none"
 
 # Names that moved to modules importing TensorFlow, which this one may not import
 # before `configure_runtime` has run; still readable here, as they were.
@@ -162,7 +176,13 @@ def main(argv=None):
     Returns:
         A dict: "test_accuracy" and "test_loss" (of the saved checkpoint on the test
         split), "test_correct" and "test_examples" (test images classified right, and
-        in all), "examples_per_second" (see `training.callbacks.examples_per_second`),
+        in all), "test_accuracy_moving_averages", "test_loss_moving_averages" and
+        "test_correct_moving_averages" (the same with the moving averages training
+        left, before the population pass; equal to the above without a pass),
+        "statistics" (what the checkpoint's batch norms hold: "population",
+        "moving_averages" or "none"), "population_statistics" (the pass's
+        `kerasbn.StatisticsSummary`, or None), "population_seconds" (its time),
+        "examples_per_second" (see `training.callbacks.examples_per_second`),
         "checkpoint" (path of the .keras file), "log_dir", "initial_epoch" (the 0-based
         epoch training started from: > 0 when resumed), "epochs_run", "epoch_seconds",
         "history" (Keras's), "xla" (what was compiled, in words), "xla_plan" (the
@@ -189,7 +209,7 @@ def main(argv=None):
     strategy = make_strategy(runtime)
     replicas = strategy.num_replicas_in_sync
     check_batch_split(args.batch_size, replicas, "the replicas in sync")
-    check_bn_momentum(args.bn_momentum)
+    check_bn_options(args)
     train, test, info = data.load(args.dataset, data_dir=args.data_dir,
                                   allow_download=args.download)
     keras.utils.set_random_seed(args.seed)
@@ -201,18 +221,20 @@ def main(argv=None):
 
     model = _compiled_model(args, info, runtime, strategy)
     fitted = _fit(model, args, train, info, paths, initial_epoch)
+    moving_averages = model.get_weights()
+    population = _population_pass(model, args, train, strategy, paths)
     model.save(paths.checkpoint)
     # The checkpoint is evaluated, on one device: inference needs no replicas, and
     # compiling it once beats compiling it for every replica.
-    test_loss, test_accuracy = evaluate_checkpoint(
+    evaluation = evaluate_statistics(
         paths.checkpoint, data.batched(test, EVAL_BATCH_SIZE, shuffle=False),
+        info.num_test, moving_averages if population["statistics"] == POPULATION else None,
         jit_compile=runtime.xla.evaluation_jit_compile)
     paths = paths.finish()
 
     results = {
-        "test_accuracy": float(test_accuracy),
-        "test_loss": float(test_loss),
-        "test_correct": correct_examples(test_accuracy, info.num_test),
+        **evaluation,
+        **population,
         "test_examples": info.num_test,
         "checkpoint": paths.checkpoint,
         "log_dir": paths.log_dir,
@@ -234,7 +256,7 @@ def _compiled_model(args, info, runtime, strategy):
         model = models.build_model(
             args.model, info.image_shape, info.num_classes, args.bn,
             synchronized=args.sync_bn, bn_momentum=args.bn_momentum,
-            bn_jit_compile=runtime.xla.layer_jit_compile)
+            bn_jit_compile=runtime.xla.layer_jit_compile, **bn_options(args))
         model.compile(
             optimizer=keras.optimizers.SGD(args.learning_rate, momentum=MOMENTUM),
             loss="sparse_categorical_crossentropy",
@@ -284,6 +306,115 @@ def _fit(model, args, train, info, paths, initial_epoch):
     }
 
 
+def population_batches(train, batch_size, seed, epochs):
+    """The training data of the population pass: one pass, in batches of `batch_size`.
+
+    Shuffled, so that the pass's batches are made up like training's and the first
+    --population-batches of them are a fair sample, in an order fixed by the seed (the
+    order `training.data.pass_seed` gives an epoch after the last), the same on every
+    worker; the last partial batch kept; split by data across workers as the training
+    stream is.
+
+    Args:
+        train: the unbatched training split, e.g. from `training.data.load()`.
+        batch_size: the global batch size (--batch-size).
+        seed: the run's --seed.
+        epochs: the run's --epochs.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` batches.
+    """
+    import tensorflow as tf
+
+    from training import data
+
+    batches = data.batched(train, batch_size, shuffle=True,
+                           seed=data.pass_seed(seed, epochs, 0))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return batches.with_options(options)
+
+
+def _population_pass(model, args, train, strategy, paths):
+    """Recomputes the batch norms' population statistics (or says why not)."""
+    import kerasbn
+    from training import callbacks
+
+    chief = paths.task.chief
+    if args.bn == "none" or not args.population_statistics:
+        statistics = NO_STATISTICS if args.bn == "none" else MOVING_AVERAGES
+        why = "--bn none" if args.bn == "none" else "--no-population-statistics"
+        _say(chief, f"population statistics: skipped ({why})")
+        return {"statistics": statistics, "population_statistics": None,
+                "population_seconds": 0.0}
+    batches = population_batches(train, args.batch_size, args.seed, args.epochs)
+    steps = args.population_batches
+    _say(chief, "population statistics: recomputing every batch norm's moving mean and "
+                f"variance over {'one pass of' if steps is None else f'{steps} batches of'}"
+                f" the training data (batches of {args.batch_size})")
+    start = time.perf_counter()
+    with strategy.scope():
+        summary = kerasbn.recompute_statistics(model, batches, steps=steps,
+                                               verbose=1 if chief else 0)
+    seconds = time.perf_counter() - start
+    _say(chief, f"{summary}\n({seconds:.1f} s; mean change in units of the new "
+                "standard deviation, variance change relative to the old variance)")
+    callbacks.write_population_statistics(
+        os.path.join(paths.log_dir, BATCH_NORM_LOGS), model, step=args.epochs - 1)
+    return {"statistics": POPULATION, "population_statistics": summary,
+            "population_seconds": seconds}
+
+
+def evaluate_statistics(path, batches, examples, moving_averages=None, jit_compile=False):
+    """Test results of the checkpoint at `path`, and with the moving averages if given.
+
+    The checkpoint is loaded and compiled once (on one device); it is evaluated as
+    saved, then, when `moving_averages` is given, again with those weights (the model's
+    `get_weights()` before the population pass: the same weights, the moving averages
+    in place of the population statistics), reusing the compiled evaluation.
+
+    Args:
+        path: a `.keras` file written by this program.
+        batches: a `tf.data.Dataset` of (images, labels) batches.
+        examples: the number of test examples, to count those classified right.
+        moving_averages: None, or the list of weights to evaluate with as well.
+        jit_compile: compile the evaluation step with XLA.
+
+    Returns:
+        A dict: "test_loss", "test_accuracy", "test_correct" of the checkpoint, and
+        the same keys with "_moving_averages" appended (equal to the checkpoint's when
+        `moving_averages` is None).
+    """
+    model = _loaded_for_evaluation(path, jit_compile)
+    loss, accuracy = (float(v) for v in model.evaluate(batches, verbose=0))
+    if moving_averages is not None:
+        model.set_weights(moving_averages)
+        moving_loss, moving_accuracy = (float(v) for v in model.evaluate(batches,
+                                                                         verbose=0))
+    else:
+        moving_loss, moving_accuracy = loss, accuracy
+    return {
+        "test_loss": loss,
+        "test_accuracy": accuracy,
+        "test_correct": correct_examples(accuracy, examples),
+        "test_loss_moving_averages": moving_loss,
+        "test_accuracy_moving_averages": moving_accuracy,
+        "test_correct_moving_averages": correct_examples(moving_accuracy, examples),
+    }
+
+
+def _loaded_for_evaluation(path, jit_compile):
+    import keras
+
+    import kerasbn  # noqa: F401 -- registers kerasbn.BatchNormalization for loading
+
+    model = keras.models.load_model(path, compile=False)
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=jit_compile)
+    return model
+
+
 def evaluate_checkpoint(path, batches, jit_compile=False):
     """Loss and accuracy of the model saved at `path` on `batches`, on one device.
 
@@ -296,13 +427,7 @@ def evaluate_checkpoint(path, batches, jit_compile=False):
     Returns:
         `(loss, accuracy)` as floats.
     """
-    import keras
-
-    import kerasbn  # noqa: F401 -- registers kerasbn.BatchNormalization for loading
-
-    model = keras.models.load_model(path, compile=False)
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=jit_compile)
+    model = _loaded_for_evaluation(path, jit_compile)
     loss, accuracy = model.evaluate(batches, verbose=0)
     return float(loss), float(accuracy)
 
@@ -329,7 +454,8 @@ def _print_setup(args, info, runtime, strategy, paths, initial_epoch):
     synchronized = " (synchronized)" if args.sync_bn and args.bn != "none" else ""
     _say(chief, f"dataset: {args.dataset} ({info.num_train} train / {info.num_test} test "
                 f"images {info.image_shape}, {info.num_classes} classes)")
-    _say(chief, f"model: {args.model}, batch norm: {args.bn}{synchronized}, "
+    options = "".join(f", {key}={value}" for key, value in bn_options(args).items())
+    _say(chief, f"model: {args.model}, batch norm: {args.bn}{synchronized}{options}, "
                 f"mixed precision: {args.mixed_precision}")
     _say(chief, f"devices: {describe_devices(runtime, strategy)}; global batch "
                 f"{args.batch_size} ({args.batch_size // strategy.num_replicas_in_sync} "
@@ -341,10 +467,17 @@ def _print_setup(args, info, runtime, strategy, paths, initial_epoch):
 
 
 def _print_results(results, chief):
+    if results["statistics"] == POPULATION:
+        _say(chief, f"test accuracy: {results['test_accuracy']:.4f} with the population "
+                    f"statistics (what {CHECKPOINT_NAME} serves), "
+                    f"{results['test_accuracy_moving_averages']:.4f} with the moving "
+                    "averages")
     _say(chief, f"checkpoint: {results['checkpoint']}")
     _say(chief, f"tensorboard: tensorboard --logdir {results['log_dir']}")
     print(f"{FINAL_LINE_PREFIX} test_accuracy={results['test_accuracy']:.4f} "
           f"examples_per_second={results['examples_per_second']:.1f} "
+          f"test_accuracy_moving_averages={results['test_accuracy_moving_averages']:.4f} "
+          f"statistics={results['statistics']} "
           f"checkpoint={results['checkpoint']}", flush=True)
 
 

@@ -2,7 +2,7 @@
 
     args = parse_args(["--replicas", "4", "--batch-size", "64"])
     check_flags(args)               # before TensorFlow starts
-    check_bn_momentum(args.bn_momentum)
+    check_bn_options(args)          # the batch-norm layer's own checks (imports kerasbn)
 
 A value a run cannot use is refused with a `UsageError`, whose one-line message names
 the flag, before it can end in a TensorFlow traceback. Importing this module does not
@@ -47,13 +47,15 @@ def build_parser():
         description="Train a ResNet or an MLP with kerasbn's, Keras's or no batch norm on a "
         "tensorflow-datasets image-classification dataset, on one device, several "
         "replicas (GPUs, or logical CPU devices) or several workers, with or without "
-        "XLA. Prints a progress bar per epoch and a final line with the test accuracy "
-        "and the training speed; writes a .keras checkpoint and TensorBoard logs under "
-        "--out; an interrupted run started again with the same --out resumes.",
+        "XLA; then recompute the batch norms' population statistics over the training "
+        "data. Prints a progress bar per epoch and a final line with the test accuracy "
+        "(with the population statistics, and with the moving averages) and the "
+        "training speed; writes a .keras checkpoint and TensorBoard logs under --out; "
+        "an interrupted run started again with the same --out resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add_group in (_data_flags, _model_flags, _training_flags, _device_flags,
-                      _output_flags):
+    for add_group in (_data_flags, _model_flags, _training_flags, _statistics_flags,
+                      _device_flags, _output_flags):
         add_group(parser)
     return parser
 
@@ -91,6 +93,20 @@ def _model_flags(parser):
     group.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=True,
                        help="with several replicas, compute batch-norm statistics over "
                             "the global batch (synchronized=True); no effect on one device")
+    group.add_argument("--bn-momentum-warmup", action="store_true",
+                       help="kerasbn only: moving averages that start right "
+                            "(momentum_warmup=True): update t uses the momentum "
+                            "min(M, t/(t+1)), the exact mean of the batches seen until "
+                            "that reaches M")
+    group.add_argument("--virtual-batch-size", type=int, default=None, metavar="K",
+                       help="kerasbn only: ghost batch norm (virtual_batch_size=K): in "
+                            "training, each group of K consecutive examples of a "
+                            "replica's batch is normalized with its own statistics (a "
+                            "last, smaller group with its own); inference is unchanged. "
+                            "Unset, a replica's whole batch is one group")
+    group.add_argument("--renorm", action="store_true",
+                       help="Batch Renormalization (renorm=True, Ioffe 2017), with "
+                            "kerasbn's or Keras's layer; no clipping of r and d")
 
 
 def _training_flags(parser):
@@ -108,6 +124,22 @@ def _training_flags(parser):
     group.add_argument("--seed", type=int, default=0,
                        help="seed of weights, dropout-free training and data order "
                             "(keras.utils.set_random_seed)")
+
+
+def _statistics_flags(parser):
+    group = parser.add_argument_group("population statistics (after training)")
+    group.add_argument("--population-statistics", action=argparse.BooleanOptionalAction,
+                       default=True,
+                       help="before the final evaluation and checkpoint, set every batch "
+                            "norm's moving statistics to the exact mean and variance of "
+                            "its inputs over the training data "
+                            "(kerasbn.recompute_statistics, under the run's strategy); "
+                            "the test accuracy with the moving averages is reported too. "
+                            "Skipped with --bn none")
+    group.add_argument("--population-batches", type=_positive_int, default=None,
+                       metavar="N",
+                       help="batches of --batch-size (shuffled by --seed) the pass reads, "
+                            "at most one pass (default: one pass over the training split)")
 
 
 def _device_flags(parser):
@@ -171,13 +203,15 @@ def check_flags(args):
     """Refuses, before TensorFlow starts, what would otherwise end in a traceback.
 
     Raises:
-        UsageError: a module of the `train` extra is missing, --batch-size does not
-            split evenly across --replicas, or --out cannot be a directory.
+        UsageError: a module of the `train` extra is missing, a batch-norm option is
+            given with a --bn that does not have it, --batch-size does not split
+            evenly across --replicas, or --out cannot be a directory.
     """
     missing = [name for name in TRAIN_EXTRA_MODULES if not _installed(name)]
     if missing:
         raise UsageError(f"{', '.join(missing)} is not installed; training.train needs "
                          "the train extra: pip install -e '.[train]'")
+    _check_bn_supports(args)
     if not args.multi_worker:
         check_batch_split(args.batch_size, args.replicas, f"--replicas {args.replicas}")
     _check_directory("--out", args.out)
@@ -233,6 +267,70 @@ def make_directory(flag, path):
     except OSError as error:
         raise UsageError(f"{flag}: cannot make the directory {path}: "
                          f"{error.strerror or error}") from None
+
+
+# Batch-norm flags: (flag, attribute of args, the --bn values whose layer has it).
+_BN_OPTION_FLAGS = (
+    ("--bn-momentum-warmup", "bn_momentum_warmup", ("kerasbn",)),
+    ("--virtual-batch-size", "virtual_batch_size", ("kerasbn",)),
+    ("--renorm", "renorm", ("kerasbn", "keras")),
+)
+_LAYER_OF = {"kerasbn": "kerasbn.BatchNormalization",
+             "keras": "keras.layers.BatchNormalization"}
+
+
+def _check_bn_supports(args):
+    """Refuses a batch-norm option flag given with a --bn whose layer has no such option."""
+    for flag, attribute, supported in _BN_OPTION_FLAGS:
+        value = getattr(args, attribute)
+        if value is None or value is False or args.bn in supported:
+            continue
+        given = flag if value is True else f"{flag} {value}"
+        layers = " or ".join(f"--bn {bn} ({_LAYER_OF[bn]})" for bn in supported)
+        why = ("--bn none has no batch norm" if args.bn == "none" else
+               f"{_LAYER_OF[args.bn]} (--bn {args.bn}) has no such option")
+        raise UsageError(f"{given} needs {layers}: {why}")
+
+
+def bn_options(args):
+    """The keyword options of the batch-norm layers that the flags ask for.
+
+    Returns:
+        A dict for `training.models.build_model(..., **options)`: only the options
+        given (`momentum_warmup`, `virtual_batch_size`, `renorm`), so that a run
+        without them builds the layers it always built.
+    """
+    options = {}
+    if args.bn_momentum_warmup:
+        options["momentum_warmup"] = True
+    if args.virtual_batch_size is not None:
+        options["virtual_batch_size"] = args.virtual_batch_size
+    if args.renorm:
+        options["renorm"] = True
+    return options
+
+
+def check_bn_options(args):
+    """Refuses batch-norm flag values the layer refuses, in one line naming the flag.
+
+    --bn-momentum is checked against `kerasbn.BatchNormalization` whatever --bn is
+    (`check_bn_momentum`); --virtual-batch-size, a kerasbn option, likewise: the layer
+    itself decides what it allows, and its message follows the flag.
+
+    Raises:
+        UsageError: `check_flags`'s batch-norm checks, or a value the layer refuses.
+    """
+    import kerasbn
+
+    _check_bn_supports(args)
+    check_bn_momentum(args.bn_momentum)
+    if args.virtual_batch_size is not None:
+        try:
+            kerasbn.BatchNormalization(virtual_batch_size=args.virtual_batch_size,
+                                       name="batch_norm")
+        except ValueError as error:
+            raise UsageError(f"--virtual-batch-size {args.virtual_batch_size}: "
+                             f"{error}") from None
 
 
 def check_bn_momentum(momentum):
