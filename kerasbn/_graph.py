@@ -6,9 +6,10 @@
 `rebuild` copies a Sequential or functional model, the Sequential and functional models
 nested in it included, layer by layer with their weights, through `replace`, which may
 swap a layer for another or remove it. The operations Keras records that are not layers
-(`x + 3.0`, `keras.ops.*` calls, the mask of `Embedding(mask_zero=True)`) are copied as
-they are. Input layers keep their names, so a rebuilt model has the input names, layer
-names and output names of the original.
+(`x + 3.0`, `keras.ops.*` calls, the mask of `Embedding(mask_zero=True)`) are copied from
+their config, as `keras.models.clone_model` copies them. Input layers keep their names
+(`clone_model` would name them after their tensors, "keras_tensor_<n>"), so a rebuilt
+model has the input names, layer names and output names of the original.
 
 Keras 3 has no public API for a model's graph: no accessor for its call nodes in order,
 for the layer or operation that produced a symbolic tensor, for the layers nested at any

@@ -11,13 +11,15 @@ no softmax), its batch norms given random statistics, scales and offsets; then
 all to 1e-4 relative (max abs error over max abs output) on a fresh random batch.
 
 By default the test runs a representative subset, `DEFAULT_APPLICATIONS`, chosen to
-cover what the others are made of within about a minute on 2 CPU cores:
+cover much of what the others are made of in about half a minute on 2 CPU cores:
 MobileNetV3Small (hard-swish: `x + 3.0` and `*` operations that are not layers,
-squeeze-and-excitation, depthwise convolutions, Rescaling), EfficientNetB0
-(Normalization with its own weights, swish, SE blocks, depthwise convolutions) and
-DenseNet121 (pre-activation batch norms after Concatenate, which are frozen rather than
-folded). `KERASBN_ALL_APPLICATIONS=1` runs every model of keras.applications (about 40;
-the large ones take minutes each and several GB of memory).
+squeeze-and-excitation, depthwise convolutions, Rescaling) and EfficientNetB0
+(Normalization with its own weights, swish, SE blocks, depthwise convolutions). Their
+batch norms all fold; those that cannot (after Concatenate, Add or pooling, as in
+DenseNet, ResNet*V2 and NASNet) are frozen in test_fold.py's graphs, and in the full
+list. `KERASBN_ALL_APPLICATIONS=1` runs every model of keras.applications (40 in
+Keras 3.15, all passing: 42 minutes on 2 shared CPU cores, from 4 s for VGG16 to 3
+minutes for EfficientNetB7, a few GB of memory for the largest).
 """
 
 import gc
@@ -34,7 +36,7 @@ from kerasbn import _graph
 
 ALL_APPLICATIONS = sorted(name for name in dir(keras.applications)
                           if name[0].isupper() and callable(getattr(keras.applications, name)))
-DEFAULT_APPLICATIONS = ("MobileNetV3Small", "EfficientNetB0", "DenseNet121")
+DEFAULT_APPLICATIONS = ("MobileNetV3Small", "EfficientNetB0")
 SELECTED = (ALL_APPLICATIONS if os.environ.get("KERASBN_ALL_APPLICATIONS") == "1"
             else DEFAULT_APPLICATIONS)
 # The smallest side each model builds at (Keras refuses smaller ones); 32 for the rest.
@@ -65,14 +67,20 @@ def _build(name):
 
 
 def _randomize_moderately(model, rng):
-    """Random batch-norm weights near the identity: a hundred norms in series stay finite."""
+    """Random batch-norm weights whose gain a = γ/sqrt(var + ε) lies in about [0.55, 1.1].
+
+    Folding has work to do, and a hundred norms in series stay tame. With γ up to 1.3
+    and variances down to 0.5, EfficientNetV2M and V2L grew activations to 1e3-1e4 and
+    the folded model's float32 rounding, 1e-6 relative after 40 layers, grew steadily
+    (no jump at any layer) to the order of the outputs.
+    """
     for layer in _graph.nested_layers(model):
         if _graph.is_batch_norm(layer):
             shape = layer.moving_mean.shape
             layer.moving_mean.assign(rng.normal(0.0, 0.1, shape))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, shape))
+            layer.moving_variance.assign(rng.uniform(0.8, 1.2, shape))
             if layer.scale:
-                layer.gamma.assign(rng.uniform(0.7, 1.3, shape))
+                layer.gamma.assign(rng.uniform(0.6, 1.0, shape))
             if layer.center:
                 layer.beta.assign(rng.normal(0.0, 0.1, shape))
 
