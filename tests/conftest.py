@@ -4,6 +4,7 @@ Multi-replica tests run MirroredStrategy over these devices; everything else run
 the first one, as it would on a single-device machine.
 """
 
+import logging
 import os
 
 os.environ["KERAS_BACKEND"] = "tensorflow"
@@ -52,3 +53,18 @@ def digits_data_dir(tmp_path_factory):
     data_dir = os.fspath(tmp_path_factory.mktemp("tfds"))
     digits_dataset.KerasbnDigits(data_dir=data_dir).download_and_prepare()
     return data_dir
+
+
+@pytest.fixture
+def tensorflow_log():
+    """The messages TensorFlow's logger emits during the test, as a list of strings."""
+    messages = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler = Collect()
+    tf.get_logger().addHandler(handler)
+    yield messages
+    tf.get_logger().removeHandler(handler)
