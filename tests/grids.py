@@ -1,6 +1,5 @@
 """The grids the tests of the layer's math run over, defined once for every test file."""
 
-import numpy as np
 
 # (per-example shape, axis): ranks 2-5; channels-last, channels-first, axis lists; square
 # shapes, where a mask laid along the wrong axes would still broadcast and go unnoticed.

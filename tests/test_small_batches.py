@@ -122,11 +122,11 @@ def test_batch_norm_options_copy_every_other_weight(mirrored_strategy):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--steps", "0"], "argument --steps: must be an int >= 1; received '0'"),
-    (["--per-replica", "1"], "argument --per-replica: must be an int >= 2; received '1'"),
+    (["--steps", "0"], "argument --steps: expected an int >= 1, got '0'"),
+    (["--per-replica", "1"], "argument --per-replica: expected an int >= 2, got '1'"),
     (["--per-replica", "4", "4"], "argument --per-replica: each value once; received 4 4"),
-    (["--replicas", "1"], "argument --replicas: must be an int >= 2; received '1'"),
-    (["--seeds", "x"], "argument --seeds: must be an int >= 0; received 'x'"),
+    (["--replicas", "1"], "argument --replicas: expected an int >= 2, got '1'"),
+    (["--seeds", "x"], "argument --seeds: expected an int >= 0, got 'x'"),
 ])
 def test_bad_flags_are_one_line_errors_with_exit_code_2(argv, message, capsys):
     with pytest.raises(SystemExit) as raised:

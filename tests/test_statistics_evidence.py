@@ -123,9 +123,9 @@ def test_plot_writes_a_png(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "argument --epochs: must be an int >= 1; received '0'"),
-    (["--epochs", "two"], "argument --epochs: must be an int >= 1; received 'two'"),
-    (["--seeds", "-1"], "argument --seeds: must be an int >= 0; received '-1'"),
+    (["--epochs", "0"], "argument --epochs: expected an int >= 1, got '0'"),
+    (["--epochs", "two"], "argument --epochs: expected an int >= 1, got 'two'"),
+    (["--seeds", "-1"], "argument --seeds: expected an int >= 0, got '-1'"),
     (["--seeds", "1", "1"], "argument --seeds: each seed once; received 1 1"),
     (["--model", "vgg"], "argument --model: invalid choice: 'vgg'"),
 ])

@@ -12,12 +12,10 @@ train = tfds.load("kerasbn_digits", split="train", data_dir=data_dir)
 ```
 """
 
-import contextlib
-import fcntl
-import os
-
 import numpy as np
 import tensorflow_datasets as tfds
+
+from training.offline_builder import OfflineBuilder
 
 NUM_EXAMPLES = 1797
 NUM_TEST = 360
@@ -45,14 +43,7 @@ def to_uint8(levels):
     return np.round(np.asarray(levels) * (255 / MAX_LEVEL)).astype(np.uint8)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path):
-    with open(path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        yield
-
-
-class KerasbnDigits(tfds.core.GeneratorBasedBuilder):
+class KerasbnDigits(OfflineBuilder):
     """scikit-learn's 8x8 handwritten digits, split 1437 train / 360 test."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -101,22 +92,3 @@ class KerasbnDigits(tfds.core.GeneratorBasedBuilder):
                 "label": int(digits.target[i]),
                 "index": int(i),
             }
-
-    def download_and_prepare(self, **kwargs):
-        """Prepares the dataset once, also when processes race to do it.
-
-        WORKAROUND (tensorflow-datasets): tfds writes into a temporary directory
-        and renames it into place; a second process finishing after the first
-        fails on that rename. Here
-        builds take turns on a lock file in the data dir, and a process that
-        waited reads the copy the other one wrote.
-
-        Args:
-            **kwargs: as for `tfds.core.DatasetBuilder.download_and_prepare`.
-        """
-        os.makedirs(self.data_dir_root, exist_ok=True)
-        with _exclusive_lock(os.path.join(self.data_dir_root, f"{self.name}.lock")):
-            if (self.data_path / "dataset_info.json").exists():
-                self.info.read_from_directory(self.data_dir)
-            else:
-                super().download_and_prepare(**kwargs)

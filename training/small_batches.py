@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import shlex
 import sys
 import time
+
+from training.program import UsageError, check_out_dir, int_at_least, progress, write_document
 
 PROGRAM = "python -m training.small_batches"
 DEFAULT_OUT = os.path.join("docs", "statistics")
@@ -97,10 +98,6 @@ METHODS = (
 STATISTICS = ("moving", "population")
 
 
-class UsageError(ValueError):
-    """A flag value the program refuses; printed as one line, exit code 2."""
-
-
 def parse_args(argv=None):
     """Parses and checks the command line.
 
@@ -135,15 +132,15 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description=__doc__.split("\n\n")[0],
         epilog="Writes small_batches.md and small_batches.json in --out.")
-    parser.add_argument("--steps", type=_int_at_least(1), default=None, metavar="N",
+    parser.add_argument("--steps", type=int_at_least(1), default=None, metavar="N",
                         help=f"training steps of every run (default {DEFAULT_STEPS})")
-    parser.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=None,
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=None,
                         metavar="SEED", help="seeds, one run of every cell each (default "
                                              f"{' '.join(map(str, DEFAULT_SEEDS))})")
-    parser.add_argument("--per-replica", type=_int_at_least(2), nargs="+", default=None,
+    parser.add_argument("--per-replica", type=int_at_least(2), nargs="+", default=None,
                         metavar="N", help="examples per replica a step (default "
                                           f"{' '.join(map(str, DEFAULT_PER_REPLICA))})")
-    parser.add_argument("--replicas", type=_int_at_least(2), default=None, metavar="N",
+    parser.add_argument("--replicas", type=int_at_least(2), default=None, metavar="N",
                         help=f"replicas: logical CPU devices of a MirroredStrategy "
                              f"(default {DEFAULT_REPLICAS})")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
@@ -156,28 +153,13 @@ def _parser():
     return parser
 
 
-def _int_at_least(low):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}; received {text!r}")
-        return value
-
-    return parse
-
-
 def _check(args):
     """Refuses, before anything long starts, what would end in a traceback."""
     for flag, values in (("--seeds", args.seeds), ("--per-replica", args.per_replica)):
         if len(set(values)) != len(values):
             raise UsageError(f"argument {flag}: each value once; received "
                              f"{' '.join(map(str, values))}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"argument --out must be a directory; received {args.out!r}, "
-                         "a file")
+    check_out_dir(args.out)
 
 
 def command_line(args):
@@ -432,27 +414,6 @@ def _markdown_cell(cell, several):
     return f"{cell['mean']:.3f}"
 
 
-def write_outputs(document, out_dir):
-    """Writes the markdown table and the JSON file; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{FILE_STEM}.{ext}") for ext in ("md", "json")]
-    with open(paths[0], "w", encoding="utf-8") as file:
-        file.write(markdown(document))
-    with open(paths[1], "w", encoding="utf-8") as file:
-        json.dump(document, file, indent=1)
-        file.write("\n")
-    return paths
-
-
-def _progress(start):
-    """A function printing a message after the seconds since `start`."""
-
-    def say(message):
-        print(f"[{time.perf_counter() - start:5.0f} s] {message}", flush=True)
-
-    return say
-
-
 def main(argv=None):
     """Runs the program with `argv` (None: `sys.argv[1:]`); returns the JSON document."""
     args = parse_args(argv)
@@ -463,13 +424,13 @@ def main(argv=None):
     setup = runtime.configure_runtime(replicas=args.replicas, xla=False)
     strategy = runtime.make_strategy(setup)
     data = load_data(args.data_dir)
-    say = _progress(start)
+    say = progress(start)
     say(f"{MODEL} on {strategy.num_replicas_in_sync} replicas, {args.steps} steps, "
         f"per-replica batches {' '.join(map(str, args.per_replica))}, "
         f"seeds {' '.join(map(str, args.seeds))}")
     results = run_all(args, data, strategy, say)
     document = summary(results, args, data, time.perf_counter() - start)
-    for path in write_outputs(document, args.out):
+    for path in write_document(document, args.out, FILE_STEM, markdown):
         say(f"wrote {path}")
     print(markdown(document))
     return document

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import json
 import math
 import os
 import shlex
 import sys
 import time
+
+from training.program import (UsageError, check_installed, check_out_dir, int_at_least,
+                              progress, write_document)
 
 PROGRAM = "python -m training.statistics_evidence"
 DEFAULT_OUT = os.path.join("docs", "statistics")
@@ -83,10 +84,6 @@ SERIES = (
 )
 
 
-class UsageError(ValueError):
-    """A flag value the program refuses; printed as one line, exit code 2."""
-
-
 def parse_args(argv=None):
     """Parses and checks the command line.
 
@@ -120,9 +117,9 @@ def _parser():
     parser = argparse.ArgumentParser(
         prog=PROGRAM, description=__doc__.split("\n\n")[0],
         epilog="Writes accuracy_by_epoch.png, .md and .json in --out.")
-    parser.add_argument("--epochs", type=_int_at_least(1), default=None, metavar="N",
+    parser.add_argument("--epochs", type=int_at_least(1), default=None, metavar="N",
                         help=f"epochs per run (default {DEFAULT_EPOCHS})")
-    parser.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=None,
+    parser.add_argument("--seeds", type=int_at_least(0), nargs="+", default=None,
                         metavar="SEED",
                         help="seeds, one run of every series each (default "
                              f"{' '.join(map(str, DEFAULT_SEEDS))})")
@@ -133,7 +130,7 @@ def _parser():
                              "batches, seed 0 (flags given explicitly win)")
     parser.add_argument("--model", choices=("resnet", "mlp"), default=None,
                         help=f"the model of training.models (default {DEFAULT_MODEL})")
-    parser.add_argument("--steps-per-epoch", type=_int_at_least(1), default=None,
+    parser.add_argument("--steps-per-epoch", type=int_at_least(1), default=None,
                         metavar="N",
                         help="batches per epoch (default: one pass over the training data)")
     parser.add_argument("--data-dir", default=None, metavar="DIR",
@@ -141,32 +138,13 @@ def _parser():
     return parser
 
 
-def _int_at_least(low):
-    """An argparse type: an int >= `low`, else a one-line error naming both."""
-
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}; received {text!r}")
-        return value
-
-    return parse
-
-
 def _check(args):
     """Refuses, before anything long starts, what would end in a traceback."""
     if len(set(args.seeds)) != len(args.seeds):
         raise UsageError(f"argument --seeds: each seed once; received "
                          f"{' '.join(map(str, args.seeds))}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"argument --out must be a directory; received {args.out!r}, "
-                         "a file")
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError(f"matplotlib is not installed; the figure is drawn with it: "
-                         f"{PLOT_INSTALL_HINT}")
+    check_out_dir(args.out)
+    check_installed("matplotlib", "the figure is drawn with it", PLOT_INSTALL_HINT)
 
 
 def command_line(args):
@@ -407,28 +385,6 @@ def plot(document, path):
     plt.close(figure)
 
 
-def write_outputs(document, out_dir):
-    """Writes the PNG, the markdown table and the JSON file; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, f"{FILE_STEM}.{ext}") for ext in ("png", "md", "json")]
-    plot(document, paths[0])
-    with open(paths[1], "w", encoding="utf-8") as file:
-        file.write(markdown(document))
-    with open(paths[2], "w", encoding="utf-8") as file:
-        json.dump(document, file, indent=1)
-        file.write("\n")
-    return paths
-
-
-def _progress(start):
-    """A function printing a message after the seconds since `start`."""
-
-    def say(message):
-        print(f"[{time.perf_counter() - start:5.0f} s] {message}", flush=True)
-
-    return say
-
-
 def main(argv=None):
     """Runs the program with `argv` (None: `sys.argv[1:]`); returns the JSON document."""
     args = parse_args(argv)
@@ -437,12 +393,12 @@ def main(argv=None):
 
     runtime.configure_runtime(replicas=1, xla=False)
     datasets = load_datasets(args)
-    say = _progress(start)
+    say = progress(start)
     say(f"{args.model}, {len(SERIES)} series x {len(args.seeds)} seed(s), {args.epochs} "
         f"epochs of {datasets.steps_per_epoch} steps")
     results = run_all(args, datasets, say)
     document = summary(results, args, datasets, time.perf_counter() - start)
-    for path in write_outputs(document, args.out):
+    for path in write_document(document, args.out, FILE_STEM, markdown, plot):
         say(f"wrote {path}")
     print(markdown(document))
     return document

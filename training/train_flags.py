@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 
 from training import models
+from training.program import UsageError, positive_float, positive_int
 
 MODELS = models.MODELS
 BATCH_NORMS = models.BATCH_NORMS
@@ -31,10 +31,6 @@ BACKUP_DIR = "backup"
 MOMENTUM = 0.9
 # Modules of the `train` extra (setup.cfg) that every run needs.
 TRAIN_EXTRA_MODULES = ("tensorboard",)
-
-
-class UsageError(ValueError):
-    """A flag value the run cannot use, or a missing dependency; the message is one line."""
 
 
 # ------------------------------------------------------------------ command line
@@ -111,14 +107,14 @@ def _model_flags(parser):
 
 def _training_flags(parser):
     group = parser.add_argument_group("training")
-    group.add_argument("--epochs", type=_positive_int, default=10, metavar="N",
+    group.add_argument("--epochs", type=positive_int, default=10, metavar="N",
                        help="epochs to train (in total, counting resumed ones)")
-    group.add_argument("--batch-size", type=_positive_int, default=64, metavar="N",
+    group.add_argument("--batch-size", type=positive_int, default=64, metavar="N",
                        help="global batch size, a multiple of the replicas, split evenly "
                             "across them; the last partial batch of an epoch is kept")
-    group.add_argument("--learning-rate", type=_positive_float, default=0.05, metavar="LR",
+    group.add_argument("--learning-rate", type=positive_float, default=0.05, metavar="LR",
                        help=f"learning rate of SGD with momentum {MOMENTUM}")
-    group.add_argument("--steps-per-epoch", type=_positive_int, default=None, metavar="N",
+    group.add_argument("--steps-per-epoch", type=positive_int, default=None, metavar="N",
                        help="batches per epoch (default: one pass over the training "
                             "split); fewer for quick tests, more to repeat the data")
     group.add_argument("--seed", type=int, default=0,
@@ -136,7 +132,7 @@ def _statistics_flags(parser):
                             "(kerasbn.recompute_statistics, under the run's strategy); "
                             "the test accuracy with the moving averages is reported too. "
                             "Skipped with --bn none")
-    group.add_argument("--population-batches", type=_positive_int, default=None,
+    group.add_argument("--population-batches", type=positive_int, default=None,
                        metavar="N",
                        help="batches of --batch-size (shuffled by --seed) the pass reads, "
                             "at most one pass (default: one pass over the training split)")
@@ -144,7 +140,7 @@ def _statistics_flags(parser):
 
 def _device_flags(parser):
     group = parser.add_argument_group("devices and compilation")
-    group.add_argument("--replicas", type=_positive_int, default=1, metavar="N",
+    group.add_argument("--replicas", type=positive_int, default=1, metavar="N",
                        help="train N replicas with MirroredStrategy: over N GPUs, or, "
                             "with no GPU, over N logical devices the CPU is split into")
     group.add_argument("--multi-worker", action="store_true",
@@ -166,29 +162,11 @@ def _output_flags(parser):
     group.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                        help=f"where {CHECKPOINT_NAME}, {LOGS_DIR}/ (TensorBoard) and "
                             f"{BACKUP_DIR}/ (resumption state) go")
-    group.add_argument("--interrupt-after-epoch", type=_positive_int, default=None,
+    group.add_argument("--interrupt-after-epoch", type=positive_int, default=None,
                        metavar="N",
                        help="stop (exit code 3) once epoch N is finished and backed up, "
                             "as if the job were preempted; run the same command without "
                             "this flag to resume. For testing resumption")
-
-
-def _checked(convert, accepts, allowed):
-    """An argparse `type`: `convert(text)`, refused unless `accepts(value)`."""
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not accepts(value):
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
 
 
 def parse_args(argv=None):

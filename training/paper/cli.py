@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import resource
@@ -12,6 +11,8 @@ import sys
 import time
 
 from training.paper import datasets
+from training.program import (UsageError, check_installed, check_out_dir, positive_int,
+                              progress)
 from training.paper.config import FULL, QUICK
 
 DEFAULT_OUT = os.path.join("results", "paper")
@@ -43,20 +44,6 @@ tfds data dir on first use; it needs the paper extra: {INSTALL_HINT}.
 """
 
 
-class UsageError(ValueError):
-    """A flag or an installation the run cannot use; the message is one line."""
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def build_parser():
     """The argument parser of `python -m training.paper`."""
     parser = argparse.ArgumentParser(
@@ -64,10 +51,10 @@ def build_parser():
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="every experiment at tiny sizes (for tests), under a minute")
-    parser.add_argument("--seeds", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--seeds", type=positive_int, default=None, metavar="N",
                         help=f"seeds of Figure 1 (default {FULL.seeds}; quick "
                              f"{QUICK.seeds}); the sweeps and the table use the first")
-    parser.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--steps", type=positive_int, default=None, metavar="N",
                         help=f"training steps of Figure 1 and of each sweep run (default "
                              f"{FULL.steps}; quick {QUICK.steps})")
     parser.add_argument("--out", default=None, metavar="DIR",
@@ -96,20 +83,9 @@ def check(args):
     if args.download and args.dataset != "mnist":
         raise UsageError(f"argument --download applies to --dataset mnist only; received "
                          f"--dataset {args.dataset}")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"argument --out must be a directory; received {args.out!r}, "
-                         "a file")
-    if importlib.util.find_spec(PLOT_MODULE) is None:
-        raise UsageError(f"{PLOT_MODULE} is not installed; training.paper draws its "
-                         f"figures with it: {INSTALL_HINT}")
+    check_out_dir(args.out)
+    check_installed(PLOT_MODULE, "training.paper draws its figures with it", INSTALL_HINT)
     datasets.check_available(args.dataset, args.data_dir)
-
-
-def _progress(start):
-    def say(message):
-        print(f"[{time.perf_counter() - start:6.0f} s] {message}", flush=True)
-
-    return say
 
 
 def _run_experiments(runner, config, say):
@@ -148,7 +124,7 @@ def main(argv=None):
 
     tf.get_logger().setLevel("ERROR")
     start = PROGRAM_START if argv is None else time.perf_counter()
-    say = _progress(start)
+    say = progress(start, width=6)
     arrays = datasets.load(args.dataset, args.data_dir, args.download)
     os.makedirs(args.out, exist_ok=True)
     say(f"{arrays.describe()}; {config.seeds} seed(s), {config.steps} steps; "

@@ -1,0 +1,115 @@
+"""What the command-line programs of `training` share, written once.
+
+The flag types of argparse, the one-line usage error, the checks of an output directory
+and of an optional module, the progress lines, and the writing of a result document
+(its markdown table, its JSON file and, where there is one, its figure). Nothing here
+imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import time
+
+
+class UsageError(ValueError):
+    """A flag value or an installation a program cannot use; printed as one line."""
+
+
+def checked(convert, accepts, allowed):
+    """An argparse `type`: `convert(text)`, refused unless `accepts(value)`.
+
+    Args:
+        convert: the conversion, e.g. `int`; a `ValueError` from it is a refusal.
+        accepts: a predicate on the converted value.
+        allowed: what is allowed, for the message ("expected <allowed>, got '<text>'").
+
+    Returns:
+        A function of the flag's text, as argparse's `type` takes it.
+    """
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}")
+        return value
+
+    return parse
+
+
+def int_at_least(low):
+    """An argparse `type`: an int >= `low`."""
+    return checked(int, lambda value: value >= low, f"an int >= {low}")
+
+
+positive_int = checked(int, lambda value: value >= 1, "a positive integer")
+positive_float = checked(float, lambda value: value > 0 and math.isfinite(value),
+                         "a positive number")
+
+
+def check_out_dir(out, flag="--out"):
+    """Refuses an output directory that names an existing file.
+
+    Raises:
+        UsageError: naming `flag` and `out`, when `out` is a file.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"argument {flag} must be a directory; received {out!r}, a file")
+
+
+def check_installed(module, purpose, install_hint):
+    """Refuses a run that needs `module` when it is not installed.
+
+    Args:
+        module: the module's import name, e.g. "matplotlib".
+        purpose: what needs it, e.g. "the figure is drawn with it".
+        install_hint: how to install it.
+
+    Raises:
+        UsageError: when `module` cannot be found.
+    """
+    if importlib.util.find_spec(module) is None:
+        raise UsageError(f"{module} is not installed; {purpose}: {install_hint}")
+
+
+def progress(start, width=5):
+    """A function printing a message after the seconds since `start` (perf_counter)."""
+
+    def say(message):
+        print(f"[{time.perf_counter() - start:{width}.0f} s] {message}", flush=True)
+
+    return say
+
+
+def write_document(document, out_dir, stem, markdown, plot=None):
+    """Writes a program's result: `<stem>.png` (if `plot`), `<stem>.md`, `<stem>.json`.
+
+    Args:
+        document: the JSON-serializable result.
+        out_dir: the output directory, made if missing.
+        stem: the file names without their extension.
+        markdown: a function of `document` returning the markdown table.
+        plot: None, or a function `(document, path)` drawing the figure to `path`.
+
+    Returns:
+        The paths written, the figure first.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    if plot is not None:
+        paths.append(os.path.join(out_dir, f"{stem}.png"))
+        plot(document, paths[-1])
+    table, data = (os.path.join(out_dir, f"{stem}.{ext}") for ext in ("md", "json"))
+    with open(table, "w", encoding="utf-8") as file:
+        file.write(markdown(document))
+    with open(data, "w", encoding="utf-8") as file:
+        json.dump(document, file, indent=1)
+        file.write("\n")
+    return paths + [table, data]
