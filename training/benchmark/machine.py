@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from training import runtime
 from training.benchmark import optional
 
 
@@ -19,7 +20,7 @@ def usable_cores():
 
 def configure(threads, logical_devices):
     """Gives TensorFlow and PyTorch the same number of threads and, for the sync
-    section, splits the CPU into logical devices.
+    section, splits the CPU into logical devices (`training.runtime.split_cpu`).
 
     Must run before TensorFlow initializes its runtime (importing it is fine).
 
@@ -35,10 +36,8 @@ def configure(threads, logical_devices):
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         if logical_devices > 1:
-            tf.config.set_logical_device_configuration(
-                tf.config.list_physical_devices("CPU")[0],
-                [tf.config.LogicalDeviceConfiguration()] * logical_devices)
-    except RuntimeError as error:
+            runtime.split_cpu(logical_devices)
+    except RuntimeError as error:  # runtime.ConfigurationError is one too
         return [f"TensorFlow was initialized before the benchmark could configure it "
                 f"({error}); its settings were kept."]
     if optional.torch is not None:
