@@ -8,11 +8,7 @@ runs MultiWorkerMirroredStrategy over 2 worker processes (tests/multiworker_work
 """
 
 import collections
-import json
 import os
-import socket
-import subprocess
-import sys
 import threading
 
 import keras
@@ -24,6 +20,7 @@ from tensorflow.python.distribute import distribute_lib
 import grids
 import kerasbn
 import reference
+import workers
 from kerasbn import distribute
 
 NUM_REPLICAS = 4
@@ -620,51 +617,8 @@ def test_custom_loop_with_strategy_run_and_a_partial_last_batch(mirrored_strateg
 # ------------------------------------------------------------------ several workers
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 WORKER = os.path.join(os.path.dirname(__file__), "multiworker_worker.py")
 WORKER_TIMEOUT = 120  # seconds, for each worker process
-
-
-def _run_workers(input_path, output_paths, log_dir):
-    """Runs the 2 worker processes on free local ports; each bounded in time, always reaped."""
-    ports = _free_ports(2)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
-    processes = []
-    try:
-        for index, output_path in enumerate(output_paths):
-            env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
-                       TF_CONFIG=json.dumps({"cluster": cluster,
-                                             "task": {"type": "worker", "index": index}}))
-            log = open(os.path.join(log_dir, f"worker_{index}.log"), "wb")
-            processes.append((subprocess.Popen(
-                [sys.executable, WORKER, input_path, output_path],
-                env=env, stdout=log, stderr=subprocess.STDOUT), log))
-        for index, (process, log) in enumerate(processes):
-            try:
-                code = process.wait(timeout=WORKER_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            if code != 0:
-                log.flush()
-                with open(log.name, errors="replace") as f:
-                    tail = f.read()[-3000:]
-                pytest.fail(f"worker {index} ended with {code}:\n{tail}")
-    finally:
-        for process, log in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            log.close()
 
 
 def test_multi_worker_training_matches_one_device(rng, tmp_path):
@@ -697,7 +651,7 @@ def test_multi_worker_training_matches_one_device(rng, tmp_path):
     np.savez(input_path, **inputs)
 
     outputs = [str(tmp_path / f"output_{i}.npz") for i in range(2)]
-    _run_workers(input_path, outputs, str(tmp_path))
+    workers.run_workers(WORKER, input_path, outputs, str(tmp_path), WORKER_TIMEOUT)
     results = [dict(np.load(path)) for path in outputs]
 
     # The single-process reference: the same steps on the concatenated global batches.

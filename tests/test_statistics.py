@@ -7,10 +7,7 @@ The same checks run on 4 MirroredStrategy replicas (the `mirrored_strategy` fixt
 and on 2 worker processes with MultiWorkerMirroredStrategy (tests/statistics_worker.py).
 """
 
-import json
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -19,6 +16,7 @@ import tensorflow as tf
 
 import kerasbn
 import reference
+import workers
 from kerasbn import statistics
 
 RTOL = 1e-5
@@ -675,58 +673,6 @@ WORKER = os.path.join(os.path.dirname(__file__), "statistics_worker.py")
 WORKER_TIMEOUT = 180  # seconds, for each worker process
 
 
-def _free_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _run_workers(input_path, output_paths, log_dir):
-    """The 2 worker processes on free local ports; output to files; always reaped."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
-    processes = []
-    try:
-        for index, output_path in enumerate(output_paths):
-            env = {key: value for key, value in os.environ.items()
-                   if key not in ("TF_XLA_FLAGS", "XLA_FLAGS", "PYTEST_CURRENT_TEST")}
-            env.update(KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2",
-                       TF_CONFIG=json.dumps({"cluster": cluster,
-                                             "task": {"type": "worker", "index": index}}))
-            # Files, not pipes: a worker blocked on a full pipe would stall the other.
-            stdout = open(os.path.join(log_dir, f"worker_{index}.out"), "wb")
-            stderr = open(os.path.join(log_dir, f"worker_{index}.err"), "wb")
-            processes.append((subprocess.Popen(
-                [sys.executable, WORKER, input_path, output_path],
-                env=env, stdout=stdout, stderr=stderr), stdout, stderr))
-        for index, (process, stdout, stderr) in enumerate(processes):
-            try:
-                code = process.wait(timeout=WORKER_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                code = "timeout"
-            if code != 0:
-                stdout.flush()
-                stderr.flush()
-                with open(stdout.name, errors="replace") as f:
-                    out = f.read()[-2000:]
-                with open(stderr.name, errors="replace") as f:
-                    err = f.read()[-3000:]
-                pytest.fail(f"worker {index} ended with {code}:\n{out}\n{err}")
-    finally:
-        for process, stdout, stderr in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            stdout.close()
-            stderr.close()
-
-
 def test_two_workers_get_identical_population_statistics(rng, tmp_path):
     """MultiWorkerMirroredStrategy over 2 processes: a plain dataset (auto-sharded) and a
     distributed one (each worker reads its own shard); identical bits on both workers,
@@ -741,7 +687,7 @@ def test_two_workers_get_identical_population_statistics(rng, tmp_path):
     input_path = str(tmp_path / "input.npz")
     np.savez(input_path, **inputs)
     outputs = [str(tmp_path / f"output_{i}.npz") for i in range(2)]
-    _run_workers(input_path, outputs, str(tmp_path))
+    workers.run_workers(WORKER, input_path, outputs, str(tmp_path), WORKER_TIMEOUT)
     results = [dict(np.load(path)) for path in outputs]
 
     names = [layer.name for layer in model.layers if statistics.is_batch_norm(layer)]
