@@ -402,8 +402,8 @@ def test_the_moving_average_accuracy_is_that_of_a_run_without_the_pass(
     model = keras.models.load_model(without["checkpoint"])
     train_split, _, info = data.load("digits", data_dir=digits_data_dir)
     args = train.parse_args(RUN_FLAGS)
-    batches = train.population_batches(train_split, args.batch_size, args.seed,
-                                       args.epochs)
+    batches = data.population_batches(train_split, args.batch_size, args.seed,
+                                      args.epochs)
     kerasbn.recompute_statistics(model, batches, verbose=0)
     recomputed = {v.path: keras.ops.convert_to_numpy(v) for v in model.weights}
     for path in served:

@@ -371,3 +371,28 @@ def _error(name, problem, alternative):
         f"dataset {name!r} {problem}: use --dataset {DEFAULT_DATASET}, the offline "
         f"default, or {alternative}"
     )
+
+
+def population_batches(train, batch_size, seed, epochs):
+    """The training data of the population pass: one pass, in batches of `batch_size`.
+
+    Shuffled, so that the pass's batches are made up like training's and the first
+    --population-batches of them are a fair sample, in an order fixed by the seed (the
+    order `pass_seed` gives an epoch after the last), the same on every
+    worker; the last partial batch kept; split by data across workers as the training
+    stream is.
+
+    Args:
+        train: the unbatched training split, e.g. from `training.data.load()`.
+        batch_size: the global batch size (--batch-size).
+        seed: the run's --seed.
+        epochs: the run's --epochs.
+
+    Returns:
+        A `tf.data.Dataset` of `(images, labels)` batches.
+    """
+    batches = batched(train, batch_size, shuffle=True, seed=pass_seed(seed, epochs, 0))
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.DATA)
+    return batches.with_options(options)

@@ -107,6 +107,9 @@ _MOVED = {
     "examples_per_epoch": "training.data",
     "pass_seed": "training.data",
     "training_stream": "training.data",
+    "population_batches": "training.data",
+    "evaluate_statistics": "training.evaluation",
+    "correct_examples": "training.evaluation",
 }
 
 
@@ -203,7 +206,7 @@ def main(argv=None):
     import keras
     import tensorflow as tf
 
-    from training import data
+    from training import data, evaluation
 
     tf.get_logger().setLevel("ERROR")
     strategy = make_strategy(runtime)
@@ -226,14 +229,14 @@ def main(argv=None):
     model.save(paths.checkpoint)
     # The checkpoint is evaluated, on one device: inference needs no replicas, and
     # compiling it once beats compiling it for every replica.
-    evaluation = evaluate_statistics(
+    evaluated = evaluation.evaluate_statistics(
         paths.checkpoint, data.batched(test, EVAL_BATCH_SIZE, shuffle=False),
         info.num_test, moving_averages if population["statistics"] == POPULATION else None,
         jit_compile=runtime.xla.evaluation_jit_compile)
     paths = paths.finish()
 
     results = {
-        **evaluation,
+        **evaluated,
         **population,
         "test_examples": info.num_test,
         "checkpoint": paths.checkpoint,
@@ -306,36 +309,6 @@ def _fit(model, args, train, info, paths, initial_epoch):
     }
 
 
-def population_batches(train, batch_size, seed, epochs):
-    """The training data of the population pass: one pass, in batches of `batch_size`.
-
-    Shuffled, so that the pass's batches are made up like training's and the first
-    --population-batches of them are a fair sample, in an order fixed by the seed (the
-    order `training.data.pass_seed` gives an epoch after the last), the same on every
-    worker; the last partial batch kept; split by data across workers as the training
-    stream is.
-
-    Args:
-        train: the unbatched training split, e.g. from `training.data.load()`.
-        batch_size: the global batch size (--batch-size).
-        seed: the run's --seed.
-        epochs: the run's --epochs.
-
-    Returns:
-        A `tf.data.Dataset` of `(images, labels)` batches.
-    """
-    import tensorflow as tf
-
-    from training import data
-
-    batches = data.batched(train, batch_size, shuffle=True,
-                           seed=data.pass_seed(seed, epochs, 0))
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = (
-        tf.data.experimental.AutoShardPolicy.DATA)
-    return batches.with_options(options)
-
-
 def _population_pass(model, args, train, strategy, paths):
     """Recomputes the batch norms' population statistics (or says why not)."""
     import kerasbn
@@ -348,7 +321,9 @@ def _population_pass(model, args, train, strategy, paths):
         _say(chief, f"population statistics: skipped ({why})")
         return {"statistics": statistics, "population_statistics": None,
                 "population_seconds": 0.0}
-    batches = population_batches(train, args.batch_size, args.seed, args.epochs)
+    from training import data
+
+    batches = data.population_batches(train, args.batch_size, args.seed, args.epochs)
     steps = args.population_batches
     _say(chief, "population statistics: recomputing every batch norm's moving mean and "
                 f"variance over {'one pass of' if steps is None else f'{steps} batches of'}"
@@ -364,82 +339,6 @@ def _population_pass(model, args, train, strategy, paths):
         os.path.join(paths.log_dir, BATCH_NORM_LOGS), model, step=args.epochs - 1)
     return {"statistics": POPULATION, "population_statistics": summary,
             "population_seconds": seconds}
-
-
-def evaluate_statistics(path, batches, examples, moving_averages=None, jit_compile=False):
-    """Test results of the checkpoint at `path`, and with the moving averages if given.
-
-    The checkpoint is loaded and compiled once (on one device); it is evaluated as
-    saved, then, when `moving_averages` is given, again with those weights (the model's
-    `get_weights()` before the population pass: the same weights, the moving averages
-    in place of the population statistics), reusing the compiled evaluation.
-
-    Args:
-        path: a `.keras` file written by this program.
-        batches: a `tf.data.Dataset` of (images, labels) batches.
-        examples: the number of test examples, to count those classified right.
-        moving_averages: None, or the list of weights to evaluate with as well.
-        jit_compile: compile the evaluation step with XLA.
-
-    Returns:
-        A dict: "test_loss", "test_accuracy", "test_correct" of the checkpoint, and
-        the same keys with "_moving_averages" appended (equal to the checkpoint's when
-        `moving_averages` is None).
-    """
-    model = _loaded_for_evaluation(path, jit_compile)
-    loss, accuracy = (float(v) for v in model.evaluate(batches, verbose=0))
-    if moving_averages is not None:
-        model.set_weights(moving_averages)
-        moving_loss, moving_accuracy = (float(v) for v in model.evaluate(batches,
-                                                                         verbose=0))
-    else:
-        moving_loss, moving_accuracy = loss, accuracy
-    return {
-        "test_loss": loss,
-        "test_accuracy": accuracy,
-        "test_correct": correct_examples(accuracy, examples),
-        "test_loss_moving_averages": moving_loss,
-        "test_accuracy_moving_averages": moving_accuracy,
-        "test_correct_moving_averages": correct_examples(moving_accuracy, examples),
-    }
-
-
-def _loaded_for_evaluation(path, jit_compile):
-    import keras
-
-    import kerasbn  # noqa: F401 -- registers kerasbn.BatchNormalization for loading
-
-    model = keras.models.load_model(path, compile=False)
-    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=jit_compile)
-    return model
-
-
-def evaluate_checkpoint(path, batches, jit_compile=False):
-    """Loss and accuracy of the model saved at `path` on `batches`, on one device.
-
-    Args:
-        path: a `.keras` file written by this program.
-        batches: a `tf.data.Dataset` of (images, labels) batches.
-        jit_compile: compile the evaluation step with XLA (the run's
-            `XlaPlan.evaluation_jit_compile`).
-
-    Returns:
-        `(loss, accuracy)` as floats.
-    """
-    model = _loaded_for_evaluation(path, jit_compile)
-    loss, accuracy = model.evaluate(batches, verbose=0)
-    return float(loss), float(accuracy)
-
-
-def correct_examples(accuracy, examples):
-    """The number of examples classified right, from Keras's accuracy over `examples`.
-
-    Keras's accuracy is a float32 quotient (correct / examples), a hair off the exact
-    fraction (342 of 360 comes out just below 0.95); below 2**23 examples it is close
-    enough to round back to the integer count.
-    """
-    return round(accuracy * examples)
 
 
 def _remove_empty_dir(path):
