@@ -65,6 +65,22 @@ def test_no_xla_compiles_nothing_but_reports_auto_clustering_already_on():
     assert "already on" in stuck.description
 
 
+@pytest.mark.parametrize("auto_clustering", [True, False])
+def test_a_refused_whole_step_falls_back_to_the_layers_programs(auto_clustering):
+    tried = runtime.plan_xla(True, runtime.MIRRORED, 4, on_gpu=False,
+                             auto_clustering=auto_clustering, try_whole_step=True)
+    assert tried.step_jit_compile
+    assert tried.description.startswith("4 CPU replicas: the whole training step")
+    error = tf.errors.InvalidArgumentError(None, None, "Trying to access resource x\nmore")
+    fallback = runtime.whole_step_fallback(tried, error)
+    assert (fallback.step_jit_compile, fallback.layer_jit_compile,
+            fallback.auto_clustering, fallback.evaluation_jit_compile) == (
+        False, True, auto_clustering, True)
+    assert "InvalidArgumentError: Trying to access resource x)" in fallback.description
+    assert ("with XLA auto-clustering" in fallback.description) == auto_clustering
+    assert "\n" not in fallback.description
+
+
 @pytest.mark.parametrize("strategy", [runtime.MIRRORED, runtime.MULTI_WORKER])
 def test_xla_on_cpu_replicas_without_auto_clustering_is_refused(strategy):
     with pytest.raises(runtime.ConfigurationError, match="TF_XLA_FLAGS") as error:

@@ -105,6 +105,9 @@ def processes(tmp_path_factory, digits_data_dir):
         "one_device_xla": launch(tmp, "one_device_xla", flags + ["--xla"], dump=True),
         "replicas_xla": launch(tmp, "replicas_xla",
                                flags + ["--replicas", "4", "--sync-bn", "--xla"], dump=True),
+        "replicas_whole_step": launch(
+            tmp, "replicas_whole_step",
+            flags + ["--replicas", "4", "--sync-bn", "--xla", "--try-whole-step"]),
     }
     yield started
     for process in started.values():
@@ -632,9 +635,23 @@ def test_xla_compiles_clusters_on_every_replica_of_four(processes):
     assert not whole_steps
 
 
+def test_a_refused_whole_step_falls_back_in_one_line(processes):
+    # TensorFlow refuses the whole compiled step on CPU replicas, as it may on GPUs.
+    process = processes["replicas_whole_step"].finished()
+    assert process.popen.returncode == 0, process.stderr[-3000:]
+    lines = process.stdout.splitlines()
+    assert "xla: 4 CPU replicas: the whole training step is compiled" in process.stdout
+    refused = [line for line in lines if line.startswith("xla: TensorFlow refused")]
+    assert len(refused) == 1, lines[:30]
+    assert "fell back to each kerasbn layer's math as XLA programs" in refused[0]
+    assert "Traceback" not in process.stderr
+    assert final_line(process.stdout).statistics == "population"
+
+
 @pytest.mark.parametrize("compiled_run, plain_run", [
-    ("one_device_xla", one_device_plain), ("replicas_xla", replicas_plain)],
-    ids=["one-device", "four-replicas"])
+    ("one_device_xla", one_device_plain), ("replicas_xla", replicas_plain),
+    ("replicas_whole_step", replicas_plain)],
+    ids=["one-device", "four-replicas", "four-replicas-after-the-refused-whole-step"])
 def test_xla_and_no_xla_reach_the_same_weights(processes, in_process, compiled_run,
                                                plain_run):
     process = processes[compiled_run].finished()

@@ -98,7 +98,7 @@ class Task:
 # ------------------------------------------------------------------ before TensorFlow
 
 
-def configure_runtime(*, replicas=1, multi_worker=False, xla=True):
+def configure_runtime(*, replicas=1, multi_worker=False, xla=True, try_whole_step=False):
     """Sets up devices and XLA before TensorFlow initializes; returns the arrangement.
 
     Splits the CPU into `replicas` logical devices when there is no GPU, and switches
@@ -109,6 +109,7 @@ def configure_runtime(*, replicas=1, multi_worker=False, xla=True):
         replicas: replicas of a MirroredStrategy (1: one device).
         multi_worker: use MultiWorkerMirroredStrategy (`replicas` is then ignored).
         xla: compile with XLA, as much as the configuration allows.
+        try_whole_step: see `plan_xla`.
 
     Returns:
         A `Runtime`.
@@ -139,14 +140,16 @@ def configure_runtime(*, replicas=1, multi_worker=False, xla=True):
     elif replicas > 1:
         strategy = MIRRORED
         devices = _gpu_devices(gpus, replicas) if gpus else split_cpu(replicas)
-    plan = plan_xla(xla, strategy, replicas, on_gpu=bool(gpus), auto_clustering=in_force)
+    plan = plan_xla(xla, strategy, replicas, on_gpu=bool(gpus), auto_clustering=in_force,
+                    try_whole_step=try_whole_step)
     if wanted and gpus:
         plan = dataclasses.replace(plan, description=plan.description + (
             "; NOTE: GPUs were found only after auto-clustering had been switched on"))
     return Runtime(strategy, devices, bool(gpus), plan)
 
 
-def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering):
+def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering,
+             try_whole_step=False):
     """The largest XLA compilation the configuration allows (see the README's table).
 
     Args:
@@ -155,6 +158,9 @@ def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering):
         replicas: the replicas of a `MIRRORED` strategy.
         on_gpu: whether the replicas are GPUs.
         auto_clustering: whether XLA auto-clustering is in force in this process.
+        try_whole_step: plan the whole compiled step on CPU replicas too, as on GPUs,
+            which TensorFlow refuses on CPUs: what tests the fallback
+            (`whole_step_fallback`) where there is no GPU.
 
     Returns:
         An `XlaPlan`.
@@ -171,9 +177,10 @@ def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering):
             text += ("; NOTE: XLA auto-clustering was already on in this process "
                      "(TF_XLA_FLAGS) and stays on")
         return XlaPlan(False, False, False, auto_clustering, False, text)
-    if strategy == DEFAULT or on_gpu:
-        where = {DEFAULT: "one device", MIRRORED: f"{replicas} GPU replicas",
-                 MULTI_WORKER: "GPU workers"}[strategy]
+    if strategy == DEFAULT or on_gpu or try_whole_step:
+        kind = "GPU" if on_gpu else "CPU"
+        where = {DEFAULT: "one device", MIRRORED: f"{replicas} {kind} replicas",
+                 MULTI_WORKER: f"{kind} workers"}[strategy]
         text = (f"{where}: the whole training step is compiled "
                 "(model.compile(jit_compile=True): forward, backward and optimizer update "
                 "in one XLA program per replica)")
@@ -199,6 +206,32 @@ def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering):
             + ", and each kerasbn layer runs its math as XLA programs "
               "(model.compile(jit_compile=False))")
     return XlaPlan(True, False, True, True, True, text)
+
+
+def whole_step_fallback(plan, error):
+    """The plan after TensorFlow refused to compile the whole step on several replicas.
+
+    The whole step per replica (`model.compile(jit_compile=True)` under a strategy of
+    several replicas) has not run on GPUs in this project's tests, and on CPU replicas
+    TensorFlow refuses it; the training program tries it on its first step and, when
+    it is refused, trains with what runs on CPU replicas: the kerasbn layers' own XLA
+    programs, and auto-clustering when it is in force.
+
+    Args:
+        plan: the `XlaPlan` whose whole step was refused.
+        error: the exception TensorFlow raised.
+
+    Returns:
+        An `XlaPlan` with `step_jit_compile=False` and a description that says why.
+    """
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return dataclasses.replace(
+        plan, step_jit_compile=False, layer_jit_compile=True,
+        description=(
+            "TensorFlow refused the whole compiled step on several replicas "
+            f"({type(error).__name__}: {first_line}); fell back to each kerasbn layer's "
+            "math as XLA programs (model.compile(jit_compile=False))"
+            + (" with XLA auto-clustering" if plan.auto_clustering else "")))
 
 
 def _gpus_expected():

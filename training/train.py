@@ -63,6 +63,7 @@ from training.runtime import (
     make_strategy,
     prepare_multi_worker_fit,
     task_of,
+    whole_step_fallback,
 )
 from training.train_flags import (  # noqa: F401 -- the flag names are read here too
     BACKUP_DIR,
@@ -202,7 +203,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_flags(args)
     runtime = configure_runtime(replicas=args.replicas, multi_worker=args.multi_worker,
-                                xla=args.xla)
+                                xla=args.xla, try_whole_step=args.try_whole_step)
     import keras
     import tensorflow as tf
 
@@ -223,6 +224,9 @@ def main(argv=None):
     _print_setup(args, info, runtime, strategy, paths, initial_epoch)
 
     model = _compiled_model(args, info, runtime, strategy)
+    if runtime.xla.step_jit_compile and replicas > 1:
+        model, runtime = _whole_step_or_fallback(model, args, train, info, runtime,
+                                                 strategy, paths.task.chief)
     fitted = _fit(model, args, train, info, paths, initial_epoch)
     moving_averages = model.get_weights()
     population = _population_pass(model, args, train, strategy, paths)
@@ -271,6 +275,37 @@ def _compiled_model(args, info, runtime, strategy):
                 np.zeros((1,) + tuple(info.image_shape), np.float32),
                 np.zeros((1,), np.int32)))
     return model
+
+
+def _whole_step_or_fallback(model, args, train, info, runtime, strategy, chief):
+    """Checks, on a first step, that TensorFlow compiles the whole step on the replicas.
+
+    The step runs on one batch and is undone (weights, moving statistics, optimizer
+    state and metrics as they were): when it runs, `fit` reuses the step it compiled;
+    when TensorFlow refuses it, the model is compiled again as
+    `runtime.whole_step_fallback` says, and one line says so.
+
+    Returns:
+        `(model, runtime)`: the model to train and the runtime whose plan it follows.
+    """
+    from training import data
+
+    first = next(iter(data.batched(train, args.batch_size, shuffle=False)))
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
+    weights = model.get_weights()
+    optimizer_state = [variable.numpy() for variable in model.optimizer.variables]
+    try:
+        model.train_on_batch(*first)
+    except Exception as error:  # noqa: BLE001 -- any refusal means: fall back
+        runtime = dataclasses.replace(runtime, xla=whole_step_fallback(runtime.xla, error))
+        _say(chief, f"xla: {runtime.xla.description}")
+        model = _compiled_model(args, info, runtime, strategy)
+    model.set_weights(weights)
+    for variable, value in zip(model.optimizer.variables, optimizer_state):
+        variable.assign(value)
+    model.reset_metrics()
+    return model, runtime
 
 
 def _fit(model, args, train, info, paths, initial_epoch):

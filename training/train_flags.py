@@ -152,6 +152,11 @@ def _device_flags(parser):
                             "device or on GPUs; on several CPU replicas or workers, "
                             "XLA auto-clustering plus kerasbn's compiled layer math. "
                             "--no-xla compiles nothing")
+    group.add_argument("--try-whole-step", action="store_true",
+                       help="with --xla on several CPU replicas: try the whole compiled "
+                            "step, as on GPUs. TensorFlow refuses it on CPUs, and the run "
+                            "falls back to what runs there, saying so in one line; for "
+                            "testing that fallback")
     group.add_argument("--mixed-precision", choices=tuple(MIXED_PRECISION), default="off",
                        help="compute in float16 or bfloat16 with float32 weights "
                             "(Keras mixed precision); batch-norm statistics stay float32")
