@@ -80,9 +80,16 @@ class Report:
         print(f"  skipped [{section}] {contender}: {reason}", flush=True)
 
 
+# TensorFlow's errors from a tf.function open with these lines, and the traceback of the
+# node ("  File ..."), before their message.
+GRAPH_ERROR_PREAMBLE = ("Graph execution error:", "Detected at node ", "  File ")
+
+
 def describe(error):
-    """An exception as one short line: its type and the first line of its message."""
-    lines = str(error).strip().splitlines()
+    """An exception as one short line: its type and the first line of its message
+    (for TensorFlow's graph execution errors, the first line after their preamble)."""
+    lines = [line for line in str(error).strip().splitlines()
+             if line.strip() and not line.startswith(GRAPH_ERROR_PREAMBLE)]
     return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
 
 
@@ -188,6 +195,21 @@ def measure(report: Report, section: str, case: str, contenders: List[Contender]
     for name, seconds in round_robin(calls, timing, fail).items():
         results[name] = summarize(roles[name], seconds)
         print(f"    {name:<26} {results[name]['median_ms']:10.3f} ms", flush=True)
+    return record(report, section, case, results, params, pairs)
+
+
+def record(report: Report, section: str, case: str, results: dict,
+           params: Optional[dict] = None, pairs: Optional[List[Tuple[str, str]]] = None):
+    """Appends a comparison to the report, with the ratios of its medians.
+
+    Args:
+        report: the `Report`.
+        section, case, params, pairs: as for `measure`.
+        results: name -> `summarize`'s dict, for the contenders that were timed.
+
+    Returns:
+        The comparison, as `measure` describes it.
+    """
     if pairs is None:
         pairs = [(a, b) for a in results for b in results
                  if results[a]["role"] == OURS and results[b]["role"] == THEIRS]
