@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.benchmark import cli, config, harness, optional, results, sections
+from training.benchmark import cli, config, first_step, harness, optional, results, \
+    sections
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing
 
 REPO = Path(__file__).resolve().parents[1]
-TIMEOUT_SECONDS = 600  # about a minute on an idle 2-core machine; far more when it is busy
+TIMEOUT_SECONDS = 900  # 1-2 minutes on an idle 2-core machine; far more when it is busy
 
 
 # ------------------------------------------------------------------ the harness
@@ -128,6 +129,16 @@ def test_measure_keeps_only_the_pairs_asked_for_that_were_timed():
         == [("a", "b", pytest.approx(2 / 3)), ("b", "c", pytest.approx(0.75))]
 
 
+def test_describe_gives_the_message_of_a_graph_execution_error():
+    message = ("Graph execution error:\n\nDetected at node StatefulPartitionedCall defined "
+               "at (most recent call last):\n  File \"x.py\", line 6, in <module>\n\n"
+               "  File \"y.py\", line 9, in fit\n\nTrying to access resource k located "
+               "in device CPU:1 from device CPU:0\n Cf. https://example\n")
+    assert harness.describe(RuntimeError(message)) == (
+        "RuntimeError: Trying to access resource k located in device CPU:1 from device CPU:0")
+    assert harness.describe(ValueError("")) == "ValueError: "
+
+
 # ------------------------------------------------------------------ targets, tables
 
 
@@ -172,6 +183,33 @@ def test_targets_on_fixed_numbers():
         ("resnet step: kerasbn / keras", pytest.approx(1.25), 1.0, False),
         ("export batch 1: folded / fastest Keras export", pytest.approx(4 / 4.8), 0.85,
          True)]
+
+
+def test_targets_of_ghost_statistics_and_first_step_on_fixed_numbers():
+    report = Report()
+    report.groups = [
+        group("ghost", {"virtual_batch_size": 8},
+              {"kerasbn vbs=8": 11.5, "kerasbn": 10.0, "tf_keras vbs=8": 11.5}),
+        group("ghost", {"virtual_batch_size": 4}, {"kerasbn vbs=4": 12.0, "kerasbn": 10.0}),
+        group("statistics", {}, {"recompute_statistics": 26.0,
+                                 "PopulationPass reused": 12.0, "training forward": 10.0}),
+        group("first_step", {}, {"kerasbn": 9.0, "kerasbn from process start": 30.0,
+                                 "keras": 10.0, "keras from process start": 20.0}),
+        group("first_step", {}, {"keras": 10.0})]  # kerasbn not runnable: no target
+    found = [(c["target"], c["ratio"], c["limit"], c["met"])
+             for c in results.targets(report)]
+    assert found == [
+        ("ghost vbs=8: kerasbn / kerasbn without virtual batches", pytest.approx(1.15),
+         1.15, True),
+        ("ghost vbs=8: kerasbn / tf_keras", pytest.approx(1.0), 1.0, False),  # strictly
+        ("ghost vbs=4: kerasbn / kerasbn without virtual batches", pytest.approx(1.2),
+         1.15, False),  # tf_keras missing: its target left out
+        ("statistics statistics case: recompute_statistics / training forward",
+         pytest.approx(2.6), 1.3, False),
+        ("statistics statistics case: PopulationPass reused / training forward",
+         pytest.approx(1.2), 1.3, True),
+        # From before the model is built, not from the process's start.
+        ("first step first_step case: kerasbn / keras", pytest.approx(0.9), 1.0, True)]
 
 
 def test_add_bandwidth_on_fixed_numbers():
@@ -243,19 +281,30 @@ def test_config_with_reps_and_as_json():
     quick = config.QUICK.with_reps(2)
     changed = {f.name for f in dataclasses.fields(quick)
                if getattr(quick, f.name) != getattr(config.QUICK, f.name)}
-    assert changed == {"layer_reps", "sync_reps", "resnet_reps", "export_reps"}
+    assert changed == {"layer_reps", "sync_reps", "resnet_reps", "export_reps",
+                       "statistics_reps", "ghost_reps", "first_step_reps"}
     assert quick.layer_reps == quick.sync_reps == quick.resnet_reps == \
-        quick.export_reps == 2
+        quick.export_reps == quick.statistics_reps == quick.ghost_reps == \
+        quick.first_step_reps == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         quick.warmup = 5
     document = json.loads(json.dumps(config.QUICK.to_json()))
     assert list(document) == [
         "layer_cases", "layer_reps", "sync_reps", "resnet_reps", "export_reps", "warmup",
         "sync_batch", "sync_image", "sync_blocks", "resnet_batch", "resnet_image",
-        "resnet_xla", "export_batches", "export_all"]
+        "resnet_xla", "export_batches", "export_all", "statistics_cases", "statistics_reps",
+        "ghost_shape", "ghost_virtual_batch_size", "ghost_reps", "first_step_cases",
+        "first_step_reps", "first_step_image", "first_step_batch", "first_step_steps",
+        "first_step_timeout"]
     assert document["layer_cases"] == [["NHWC", [16, 16, 16, 32], -1],
                                        ["dense", [64, 256], -1],
                                        ["NCHW", [16, 32, 16, 16], 1]]
+    assert document["first_step_cases"] == [["resnet", 1, "off"]]
+    # The full run: median of 3 fresh processes, every configuration the section names.
+    assert config.FULL.first_step_reps == 3
+    assert {(c.model, c.replicas, c.xla) for c in config.FULL.first_step_cases} >= {
+        (model, replicas, xla) for model in ("mobilenet", "resnet")
+        for replicas in (1, config.REPLICAS) for xla in ("off", "step")}
 
 
 def test_a_registered_section_runs_once_in_table_order(monkeypatch):
@@ -306,6 +355,81 @@ def test_help_and_bad_arguments(capsys):
             cli.main(argv)
         assert exit_info.value.code == 2
         assert word in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ first_step
+
+
+def fake_child(code):
+    """A command line running `code` in a fresh Python (it receives --spawned-at)."""
+    return [sys.executable, "-c", code]
+
+
+def test_run_fresh_reads_the_times_or_the_error_of_a_fresh_process():
+    times = {"first_step_s": 1.5, "total_s": 4.0}
+    printed = fake_child("import json, sys; print('TensorFlow chatter'); "
+                         f"print({first_step.MARKER!r} + json.dumps({times!r})); "
+                         "assert sys.argv[1] == '--spawned-at' and float(sys.argv[2]) > 0")
+    assert first_step.run_fresh(printed, timeout=60) == times
+    error = {"error": "InvalidArgumentError: Trying to access resource"}
+    failed = fake_child(f"import json, sys; print({first_step.MARKER!r} + "
+                        f"json.dumps({error!r})); sys.exit(1)")
+    assert first_step.run_fresh(failed, timeout=60) == error
+    crashed = fake_child("import sys; sys.stderr.write('noise\\nSegmentation fault\\n'); "
+                         "sys.exit(-11)")
+    assert first_step.run_fresh(crashed, timeout=60) == {"error": "Segmentation fault"}
+    assert first_step.run_fresh(fake_child("import sys; sys.exit(3)"), timeout=60) == {
+        "error": "exit status 3"}
+    assert first_step.run_fresh(fake_child("import time; time.sleep(30)"), timeout=0.5) \
+        == {"error": "no first step within 0 s"}
+
+
+def test_first_step_command_is_what_the_child_parses():
+    argv = first_step.command("mobilenet", "kerasbn", 4, "plan", (32, 32, 3), 32, 2)
+    assert argv[:3] == [sys.executable, "-m", "training.benchmark.first_step"]
+    args = first_step.build_parser().parse_args(argv[3:] + ["--spawned-at", "12.5"])
+    assert (args.model, args.bn, args.replicas, args.xla, args.image, args.batch,
+            args.steps, args.spawned_at) == ("mobilenet", "kerasbn", 4, "plan", "32,32,3",
+                                             32, 2, 12.5)
+
+
+def test_first_step_section_alternates_processes_and_records_what_is_not_runnable(
+        monkeypatch):
+    launched = []
+
+    def run_fresh(argv, timeout):
+        bn, replicas = argv[argv.index("--bn") + 1], int(argv[argv.index("--replicas") + 1])
+        launched.append((replicas, bn))
+        if replicas == 4 and bn == "kerasbn":
+            return {"error": "InvalidArgumentError: Trying to access resource"}
+        cost = {"kerasbn": 2.0, "keras": 4.0}[bn] + len(launched) / 100
+        return {"python_s": 0.1, "imports_s": 5.0, "build_s": 0.5, "fit_s": cost - 0.5,
+                "first_step_s": cost, "total_s": cost + 5.1}
+
+    monkeypatch.setattr(first_step, "run_fresh", run_fresh)
+    cases = (config.FirstStepCase("resnet", 1, "off"), config.FirstStepCase("resnet", 4, "step"))
+    run = sections.Run(dataclasses.replace(config.QUICK, first_step_cases=cases,
+                                           first_step_reps=3),
+                       ("first_step",), np.random.default_rng(0), Report())
+    sections.section_first_step(run)
+    # Alternating order; a contender whose process failed is not started again.
+    assert launched == [(1, "kerasbn"), (1, "keras"), (1, "keras"), (1, "kerasbn"),
+                        (1, "kerasbn"), (1, "keras"), (4, "kerasbn"), (4, "keras"),
+                        (4, "keras"), (4, "keras")]
+    one, four = run.report.groups
+    assert one["case"] == "resnet, 1 device, jit_compile=False"
+    assert one["params"]["replicas"] == 1 and one["params"]["xla"] == "off"
+    assert [p["first_step_s"] for p in one["params"]["processes"]["kerasbn"]] == \
+        pytest.approx([2.01, 2.04, 2.05])
+    assert one["contenders"]["kerasbn"]["median_ms"] == pytest.approx(2040)
+    assert one["contenders"]["keras from process start"]["median_ms"] == pytest.approx(9130)
+    assert [(r["numerator"], r["denominator"]) for r in one["ratios"]] == [
+        ("kerasbn", "keras"), ("kerasbn from process start", "keras from process start")]
+    assert set(four["contenders"]) == {"keras", "keras from process start"}
+    assert four["case"] == "resnet, 4 CPU replicas, jit_compile=True"
+    assert run.report.skipped == [{
+        "section": "first_step", "contender": f"kerasbn ({four['case']})",
+        "reason": "not runnable here: InvalidArgumentError: Trying to access resource"}]
 
 
 # ------------------------------------------------------------------ the quick run
@@ -368,7 +492,9 @@ def test_quick_run_writes_and_prints_what_it_measured(quick_run):
     else:
         assert "chart" in {s["section"] for s in document["skipped"]}
     assert {t["target"].split(":")[0] for t in document["targets"]} >= {
-        "layer training NHWC", "sync", "resnet step", "export batch 1"}
+        "layer training NHWC", "sync", "resnet step", "export batch 1",
+        "statistics ResNet 8x8x1, 3 batches of 16",
+        "first step resnet, 1 device, jit_compile=False"}
 
 
 def test_quick_run_timed_every_section(quick_run):
@@ -396,3 +522,37 @@ def test_quick_run_timed_every_section(quick_run):
     assert [g["params"]["batch"] for g in export] == list(config.QUICK.export_batches)
     for g in export:
         assert_timed(g, EXPORT_CONTENDERS)
+
+
+def test_quick_run_timed_ghost_statistics_and_first_step(quick_run):
+    _, document, _ = quick_run
+    skipped = {s["contender"].split(" (")[0] for s in document["skipped"]}
+    (ghost,) = groups(document, "ghost")
+    assert ghost["params"] == {"shape": list(config.QUICK.ghost_shape),
+                               "virtual_batch_size": config.QUICK.ghost_virtual_batch_size}
+    assert_timed(ghost, ["kerasbn vbs=8", "kerasbn"], ["tf_keras vbs=8"], skipped)
+    assert ("kerasbn vbs=8", "kerasbn") in {(r["numerator"], r["denominator"])
+                                             for r in ghost["ratios"]}
+    (statistics,) = groups(document, "statistics")
+    assert statistics["params"] == {"image": [8, 8, 1], "batch": 16, "batches": 3}
+    assert_timed(statistics, ["recompute_statistics", "PopulationPass reused",
+                              "training forward"])
+    (first,) = groups(document, "first_step")
+    assert first["case"] == "resnet, 1 device, jit_compile=False"
+    assert_timed(first, ["kerasbn", "keras", "kerasbn from process start",
+                         "keras from process start"])
+    for bn in ("kerasbn", "keras"):
+        (process,) = first["params"]["processes"][bn]
+        assert set(process) == {"python_s", "imports_s", "build_s", "fit_s",
+                                "first_step_s", "total_s"}
+        assert process["build_s"] + process["fit_s"] == pytest.approx(process["first_step_s"])
+        assert 0 < process["first_step_s"] < process["total_s"]
+        assert first["contenders"][bn]["median_ms"] == pytest.approx(
+            process["first_step_s"] * 1e3)
+    found = {t["target"] for t in document["targets"]}
+    assert found >= {"ghost vbs=8: kerasbn / kerasbn without virtual batches",
+                     "statistics ResNet 8x8x1, 3 batches of 16: recompute_statistics / "
+                     "training forward",
+                     "statistics ResNet 8x8x1, 3 batches of 16: PopulationPass reused / "
+                     "training forward",
+                     "first step resnet, 1 device, jit_compile=False: kerasbn / keras"}

@@ -1,7 +1,7 @@
 """The benchmark of kerasbn against the batch norms of Keras 3, tf_keras and PyTorch.
 
-    python -m training.benchmark                      # the full run, several minutes
-    python -m training.benchmark --quick              # small shapes, under a minute
+    python -m training.benchmark                      # the full run: most of an hour
+    python -m training.benchmark --quick              # small shapes, about two minutes
     python -m training.benchmark --help               # the sections, how it measures
 
 Modules, in the order a run uses them:
@@ -13,6 +13,8 @@ Modules, in the order a run uses them:
     sections.py     one function per section and `SECTIONS`, the table of them
     contenders.py   what is timed: layer calls of each library, copies of x, steps, exports
     harness.py      how it is timed: `Contender`, `Timing`, `round_robin`, `measure`, `Report`
+    first_step.py   `python -m training.benchmark.first_step`: one fresh process's first
+                    fit, and `run_fresh`, which starts one and reads its times
     results.py      targets, tables, the chart, results.json and results.md
 
 Adding a section is one function `section_<name>(run)` in sections.py and one entry in

@@ -19,8 +19,8 @@ from training.benchmark.sections import SECTIONS, Run, describe_sections, logica
 USAGE = """\
 Benchmark of kerasbn against the batch norms of Keras 3, tf_keras and PyTorch.
 
-    python -m training.benchmark                      # the full run, several minutes
-    python -m training.benchmark --quick              # small shapes, under a minute
+    python -m training.benchmark                      # the full run: most of an hour
+    python -m training.benchmark --quick              # small shapes, about two minutes
     python -m training.benchmark --sections layer,bandwidth --out results/mine"""
 
 
@@ -65,7 +65,7 @@ def build_parser():
         epilog="Missing optional contenders (pip install -e '.[bench]' torch==2.13.0) "
         "and contenders that fail are skipped, with the reason in the output.")
     parser.add_argument("--quick", action="store_true",
-                        help="small shapes and few repetitions: under a minute")
+                        help="small shapes and few repetitions: about two minutes")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated, among {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--out", default=None,

@@ -8,7 +8,7 @@ records `Config.to_json()`, whose keys are the field names below.
 import dataclasses
 from typing import NamedTuple, Tuple
 
-REPLICAS = 4  # logical CPU devices of the sync section
+REPLICAS = 4  # logical CPU devices of the sync section and of first_step's replicas
 EPSILON, MOMENTUM = 1e-3, 0.99  # Keras's defaults, given to every contender
 NUM_CLASSES = 10
 # Bytes a call must move, as multiples of the size of x (see the bandwidth section).
@@ -21,6 +21,32 @@ class LayerCase(NamedTuple):
     name: str
     shape: Tuple[int, ...]
     axis: int
+
+
+class StatisticsCase(NamedTuple):
+    """One input of the statistics section: the ResNet's image shape (height, width,
+    channels), the batch size and the number of batches of the pass."""
+
+    image: Tuple[int, int, int]
+    batch: int
+    batches: int
+
+
+class FirstStepCase(NamedTuple):
+    """One configuration of the first_step section.
+
+    Attributes:
+        model: "mobilenet" (Keras's MobileNetV2, alpha 0.35) or "resnet"
+            (training.models').
+        replicas: 1 (one device) or the logical CPU replicas of a MirroredStrategy.
+        xla: "off" (`model.compile(jit_compile=False)`), "step"
+            (`jit_compile=True`) or "plan" (what `python -m training.train --xla`
+            does: `training.runtime.configure_runtime(xla=True)`'s plan).
+    """
+
+    model: str
+    replicas: int
+    xla: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +67,17 @@ class Config:
         export_batches: the batch sizes the exported models are served at.
         export_all: whether the export section adds its reference exports (Keras's
             export of the stock-BN twin, our unfolded export, the model without BN).
+        statistics_cases: the inputs of the statistics section.
+        statistics_reps, ghost_reps: timed repetitions per contender in each section.
+        ghost_shape, ghost_virtual_batch_size: the NHWC input of the ghost section and
+            the size of its virtual batches.
+        first_step_cases: the configurations of the first_step section.
+        first_step_reps: fresh processes per contender and configuration (the
+            figure is their median).
+        first_step_image, first_step_batch, first_step_steps: the image shape of both
+            models, the global batch and the number of steps of the first `fit`.
+        first_step_timeout: seconds a fresh process may take before it counts as
+            not runnable.
     """
 
     layer_cases: Tuple[LayerCase, ...]
@@ -57,6 +94,17 @@ class Config:
     resnet_xla: bool
     export_batches: Tuple[int, ...]
     export_all: bool
+    statistics_cases: Tuple[StatisticsCase, ...]
+    statistics_reps: int
+    ghost_shape: Tuple[int, int, int, int]
+    ghost_virtual_batch_size: int
+    ghost_reps: int
+    first_step_cases: Tuple[FirstStepCase, ...]
+    first_step_reps: int
+    first_step_image: Tuple[int, int, int]
+    first_step_batch: int
+    first_step_steps: int
+    first_step_timeout: float
 
     def with_reps(self, reps):
         """A copy with every `*_reps` count set to `reps`."""
@@ -77,6 +125,16 @@ FULL = Config(
     sync_batch=128, sync_image=(32, 32, 16), sync_blocks=2,
     resnet_batch=64, resnet_image=(32, 32, 3), resnet_xla=True,
     export_batches=(1, 64), export_all=True,
+    statistics_cases=(StatisticsCase((8, 8, 1), 64, 22), StatisticsCase((32, 32, 3), 64, 8)),
+    statistics_reps=5,
+    ghost_shape=(64, 32, 32, 64), ghost_virtual_batch_size=8, ghost_reps=40,
+    # Not "plan": XLA auto-clustering took MobileNetV2 on 4 CPU replicas 16 minutes to
+    # its first step here (python -m training.benchmark.first_step --xla plan).
+    first_step_cases=tuple(FirstStepCase(model, replicas, xla)
+                           for model in ("mobilenet", "resnet")
+                           for replicas in (1, REPLICAS) for xla in ("off", "step")),
+    first_step_reps=3, first_step_image=(32, 32, 3), first_step_batch=32,
+    first_step_steps=2, first_step_timeout=900.0,
 )
 QUICK = Config(
     layer_cases=(LayerCase("NHWC", (16, 16, 16, 32), -1), LayerCase("dense", (64, 256), -1),
@@ -85,4 +143,10 @@ QUICK = Config(
     sync_batch=32, sync_image=(8, 8, 4), sync_blocks=1,
     resnet_batch=16, resnet_image=(8, 8, 1), resnet_xla=False,
     export_batches=(1, 16), export_all=False,
+    statistics_cases=(StatisticsCase((8, 8, 1), 16, 3),),
+    statistics_reps=3,
+    ghost_shape=(16, 16, 16, 32), ghost_virtual_batch_size=8, ghost_reps=5,
+    first_step_cases=(FirstStepCase("resnet", 1, "off"),),
+    first_step_reps=1, first_step_image=(8, 8, 1), first_step_batch=16,
+    first_step_steps=2, first_step_timeout=300.0,
 )

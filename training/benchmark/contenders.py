@@ -1,9 +1,11 @@
 """What the benchmark times: each function builds something and returns a callable that
 runs it once and fetches a result to Python (on CPU: the work is done).
 
-Layer calls of kerasbn, Keras 3 (with and without XLA), tf_keras and PyTorch; copies of
-x (the bandwidth floor); a synchronized SGD step on replicas; a ResNet train step; a
-SavedModel's serving signature.
+Layer calls of kerasbn, Keras 3 (with and without XLA), tf_keras and PyTorch, with and
+without virtual batches; copies of x (the bandwidth floor); a synchronized SGD step on
+replicas; a ResNet train step; population-statistics passes and training-mode forward
+passes; a SavedModel's serving signature. (The first_step section's fresh processes are
+`first_step.py`'s.)
 """
 
 import os
@@ -14,6 +16,7 @@ import tensorflow as tf
 
 import kerasbn
 from kerasbn.export import export_saved_model
+from kerasbn.statistics import PopulationPass
 from training.benchmark.config import EPSILON, MOMENTUM, NUM_CLASSES
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender
 from training.benchmark.optional import tf_keras, torch
@@ -148,6 +151,28 @@ def layer_contenders(x_np, dy_np, axis, training):
     return contenders + torch_contenders(x_np, dy_np, axis, training)
 
 
+def ghost_contenders(x_np, dy_np, virtual_batch_size):
+    """The ghost section's training steps on an NHWC input: kerasbn with virtual
+    batches of `virtual_batch_size` and without, and tf_keras's layer with the same
+    virtual batches when tf_keras is installed."""
+    x, dy = tf.constant(x_np), tf.constant(dy_np)
+    options = {"epsilon": EPSILON, "momentum": MOMENTUM}
+
+    def step(make_layer):
+        return lambda: tf_layer_call(make_layer(), x, dy, training=True, xla=False)
+
+    contenders = [
+        Contender(f"kerasbn vbs={virtual_batch_size}", OURS, step(
+            lambda: kerasbn.BatchNormalization(virtual_batch_size=virtual_batch_size,
+                                               **options))),
+        Contender("kerasbn", OURS, step(lambda: kerasbn.BatchNormalization(**options)))]
+    if tf_keras is not None:
+        contenders.append(Contender(f"tf_keras vbs={virtual_batch_size}", THEIRS, step(
+            lambda: tf_keras.layers.BatchNormalization(
+                virtual_batch_size=virtual_batch_size, **options))))
+    return contenders
+
+
 def copy_contenders(x_np):
     """Copies of an array the size of x (references): the bandwidth floor."""
 
@@ -232,6 +257,46 @@ def resnet_step(bn, xla, image, weights, x, y):
                       loss="sparse_categorical_crossentropy", jit_compile=xla)
         return lambda: model.train_on_batch(x, y)
     return make
+
+
+def statistics_contenders(image, weights, x_np, batch):
+    """The statistics section's passes over `x_np` in batches of `batch`, each on its
+    own copy of the ResNet (bn="kerasbn", the given weights).
+
+    `kerasbn.recompute_statistics` as a user calls it (a new `PopulationPass` a
+    call), one `PopulationPass` run again and again (as `kerasbn.callbacks` does),
+    and a `tf.function` calling the model in training mode on every batch (moving
+    statistics updated, as in a training step's forward pass).
+    """
+    dataset = tf.data.Dataset.from_tensor_slices(x_np).batch(batch)
+    batches = len(x_np) // batch
+
+    def model():
+        built = build_model("resnet", image, NUM_CLASSES, bn="kerasbn")
+        built.set_weights(weights)
+        return built
+
+    def recompute():
+        resnet = model()
+        return lambda: kerasbn.recompute_statistics(resnet, dataset, batches, verbose=0)
+
+    def reused_pass():
+        population_pass = PopulationPass(model())
+        return lambda: population_pass.run(dataset, batches, verbose=0)
+
+    def forward():
+        resnet = model()
+        step = tf.function(lambda x: resnet(x, training=True))
+
+        def run():
+            for x in dataset:
+                y = step(x)
+            return y[0, 0].numpy()
+        return run
+
+    return [Contender("recompute_statistics", OURS, recompute),
+            Contender("PopulationPass reused", OURS, reused_pass),
+            Contender("training forward", THEIRS, forward)]
 
 
 # ------------------------------------------------------------------ exports

@@ -74,9 +74,36 @@ def export_targets(group):
                   fastest(group, ["keras export", "keras export, stock BN"]), 0.85)]
 
 
+def ghost_targets(group):
+    """Virtual batches cost kerasbn at most 15%, and its ghost step is faster than
+    tf_keras's."""
+    size = group["params"]["virtual_batch_size"]
+    ghost = fastest(group, [f"kerasbn vbs={size}"])
+    return [check(f"ghost vbs={size}: kerasbn / kerasbn without virtual batches",
+                  ghost, fastest(group, ["kerasbn"]), 1.15),
+            check(f"ghost vbs={size}: kerasbn / tf_keras", ghost,
+                  fastest(group, [f"tf_keras vbs={size}"]), 1.0, strictly=True)]
+
+
+def statistics_targets(group):
+    """A population-statistics pass costs at most 1.3x a training-mode forward pass
+    over the same batches: as `recompute_statistics` is called, and reused."""
+    case, forward = group["case"], fastest(group, ["training forward"])
+    return [check(f"statistics {case}: {name} / training forward",
+                  fastest(group, [name]), forward, 1.3)
+            for name in ("recompute_statistics", "PopulationPass reused")]
+
+
+def first_step_targets(group):
+    """The first fit (from before the model is built) no slower with kerasbn."""
+    return [check(f"first step {group['case']}: kerasbn / keras",
+                  fastest(group, ["kerasbn"]), fastest(group, ["keras"]), 1.0)]
+
+
 # A section's targets: its comparisons -> checks (None where a time is missing).
-TARGETS = {"layer": layer_targets, "sync": sync_targets, "resnet": resnet_targets,
-           "export": export_targets}
+TARGETS = {"layer": layer_targets, "ghost": ghost_targets, "sync": sync_targets,
+           "resnet": resnet_targets, "statistics": statistics_targets,
+           "export": export_targets, "first_step": first_step_targets}
 
 
 def targets(report):

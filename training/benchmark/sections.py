@@ -3,10 +3,9 @@
 A section function takes a `Run` and appends its comparisons to `run.report` (through
 `harness.measure`). To add a section: write `section_<name>(run)` and add one
 `Section` entry to `SECTIONS`; `--sections`, `--help` and the order of the run follow
-from the table. (Its targets, if it has any, go in `results.TARGETS`.) Sections still
-to come fit the same mould: "statistics" (a population-statistics recompute pass
-against a training-mode forward pass over the same data) and "first_step" (the wall
-time of the first `fit`, measured in fresh processes).
+from the table. (Its targets, if it has any, go in `results.TARGETS`.) The first_step
+section times fresh processes (`first_step.py`) instead of calls in this one, and
+records its comparisons with `harness.record` as `harness.measure` does.
 """
 
 import dataclasses
@@ -19,10 +18,11 @@ import tensorflow as tf
 
 import kerasbn
 from training.benchmark import contenders as contending
-from training.benchmark import optional
-from training.benchmark.config import BYTES_MOVED, NUM_CLASSES, REPLICAS, Config
+from training.benchmark import first_step, optional
+from training.benchmark.config import BYTES_MOVED, NUM_CLASSES, REPLICAS, Config, \
+    FirstStepCase
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing, \
-    describe, measure
+    describe, measure, record, summarize
 from training.models import build_model
 
 
@@ -118,6 +118,28 @@ def add_bandwidth(report, layer_group):
         "contenders": contenders, "ratios": []})
 
 
+# ------------------------------------------------------------------ ghost
+
+
+def section_ghost(run: Run):
+    """One layer's training step on `config.ghost_shape` with virtual batches of
+    `config.ghost_virtual_batch_size` (Ghost Batch Normalization), kerasbn's against
+    kerasbn without them and tf_keras's with them."""
+    if optional.missing("tf_keras"):
+        run.report.skip("ghost", "tf_keras", optional.missing("tf_keras"))
+    config = run.config
+    shape, size = tuple(config.ghost_shape), config.ghost_virtual_batch_size
+    x_np = run.rng.standard_normal(shape, dtype=np.float32) * 2.0 + 0.5
+    dy_np = run.rng.standard_normal(shape, dtype=np.float32)
+    ghost = f"kerasbn vbs={size}"
+    measure(run.report, "ghost",
+            f"NHWC {'x'.join(map(str, shape))} training, virtual batches of {size}",
+            contending.ghost_contenders(x_np, dy_np, size),
+            Timing(config.ghost_reps, config.warmup),
+            params={"shape": list(shape), "virtual_batch_size": size},
+            pairs=[(ghost, "kerasbn"), (ghost, f"tf_keras vbs={size}")])
+
+
 # ------------------------------------------------------------------ sync
 
 
@@ -209,6 +231,85 @@ def section_export(run: Run):
                            if name != "kerasbn export folded"])
 
 
+# ------------------------------------------------------------------ statistics
+
+
+def section_statistics(run: Run):
+    """A population-statistics pass over the ResNet against a training-mode forward
+    pass over the same batches, for each of `config.statistics_cases`."""
+    config = run.config
+    for image, batch, batches in config.statistics_cases:
+        x = run.rng.standard_normal((batch * batches,) + image, dtype=np.float32) * 2.0 + 0.5
+        weights = build_model("resnet", image, NUM_CLASSES, bn="kerasbn").get_weights()
+        measure(run.report, "statistics",
+                f"ResNet {'x'.join(map(str, image))}, {batches} batches of {batch}",
+                contending.statistics_contenders(image, weights, x, batch),
+                Timing(config.statistics_reps, config.warmup),
+                params={"image": list(image), "batch": batch, "batches": batches},
+                pairs=[("recompute_statistics", "training forward"),
+                       ("PopulationPass reused", "training forward")])
+
+
+# ------------------------------------------------------------------ first_step
+
+FIRST_STEP_XLA = {"off": "jit_compile=False", "step": "jit_compile=True",
+                  "plan": "training's --xla plan"}
+
+
+def section_first_step(run: Run):
+    """For each of `config.first_step_cases`, the time to the end of a first `fit`
+    of kerasbn's model and of the stock one, each in `config.first_step_reps` fresh
+    processes (alternating)."""
+    for case in run.config.first_step_cases:
+        devices = "1 device" if case.replicas == 1 else f"{case.replicas} CPU replicas"
+        name = f"{case.model}, {devices}, {FIRST_STEP_XLA[case.xla]}"
+        print(f"[first_step] {name}: {run.config.first_step_reps} fresh process(es) "
+              "each for kerasbn and keras", flush=True)
+        processes = fresh_processes(run, case, name)
+        results = {}
+        for bn, role in (("kerasbn", OURS), ("keras", THEIRS)):
+            if processes[bn]:
+                results[bn] = summarize(role, [p["first_step_s"] for p in processes[bn]])
+                results[f"{bn} from process start"] = summarize(
+                    role, [p["total_s"] for p in processes[bn]])
+        record(run.report, "first_step", name, results,
+               params={**case._asdict(), "image": list(run.config.first_step_image),
+                       "batch": run.config.first_step_batch,
+                       "steps": run.config.first_step_steps, "processes": processes},
+               pairs=[("kerasbn", "keras"),
+                      ("kerasbn from process start", "keras from process start")])
+
+
+def fresh_processes(run: Run, case: FirstStepCase, name: str):
+    """Runs `case` in fresh processes, kerasbn's and keras's in turn; a contender whose
+    process fails is recorded as not runnable here and not run again.
+
+    Returns:
+        A dict "kerasbn"/"keras" -> the times of its processes (`first_step`'s dicts).
+    """
+    config = run.config
+    processes, failed = {"kerasbn": [], "keras": []}, set()
+    for rep in range(config.first_step_reps):
+        for bn in (("kerasbn", "keras") if rep % 2 == 0 else ("keras", "kerasbn")):
+            if bn in failed:
+                continue
+            result = first_step.run_fresh(first_step.command(
+                case.model, bn, case.replicas, case.xla, config.first_step_image,
+                config.first_step_batch, config.first_step_steps),
+                config.first_step_timeout)
+            if "error" in result:
+                failed.add(bn)
+                run.report.skip("first_step", f"{bn} ({name})",
+                                f"not runnable here: {result['error']}")
+                continue
+            processes[bn].append(result)
+            print(f"    {bn:<8} process {rep + 1}: build to first step "
+                  f"{result['first_step_s']:.1f} s (build {result['build_s']:.1f}, compile "
+                  f"and fit {result['fit_s']:.1f}); imports {result['imports_s']:.1f} s, "
+                  f"from process start {result['total_s']:.1f} s", flush=True)
+    return processes
+
+
 # ------------------------------------------------------------------ the table
 
 SECTIONS = {
@@ -228,6 +329,10 @@ bandwidth measured in the same round-robin (copies of x are timed with
 the layers). Bytes, with S the size of x: training 8 S (statistics: read
 x; normalize: read x, write y; backward sums: read x, dy; dx: read x, dy,
 write dx), inference 2 S (read x, write y), a copy 2 S.""", part_of="layer"),
+    "ghost": Section(section_ghost, """\
+Ghost Batch Normalization: one layer's training step (as in "layer") on
+NHWC 64x32x32x64 with virtual batches of 8, kerasbn's against kerasbn
+without virtual batches and tf_keras's virtual_batch_size=8."""),
     "sync": Section(section_sync, """\
 one SGD step of a small conv net (--quick: one conv + BN) on 4 logical CPU
 replicas (MirroredStrategy, custom loop): synchronized=True against False,
@@ -236,12 +341,33 @@ for kerasbn and for Keras 3's synchronized layer.""", logical_devices=REPLICAS),
 one train_on_batch of training.models' ResNet with kerasbn against the
 same model (same weights) with Keras's batch norm, with and without XLA
 (--quick: without; compiling two whole ResNets takes longer than the rest)."""),
+    "statistics": Section(section_statistics, """\
+the population-statistics pass over the ResNet (8x8x1, 22 batches of 64,
+as training.train's; and 32x32x3, 8 batches of 64) against a tf.function
+calling model(x, training=True) on the same batches (moving statistics
+updated): kerasbn.recompute_statistics as called (a new PopulationPass,
+so new traces, each call) and one PopulationPass run again and again (as
+kerasbn.callbacks does). Steady state: every contender has run before."""),
     "export": Section(section_export, """\
 serving latency of the ResNet exported by kerasbn.export.export_saved_model
 (batch norms folded) against Keras's model.export of the same model; the
 full run adds Keras's export of its stock-BN twin (same weights), our
 unfolded export and the model with no batch norm at all. Each is loaded
 with tf.saved_model.load and called through its serving signature."""),
+    "first_step": Section(section_first_step, """\
+the time to a first model.fit (compile included; 2 steps, batch 32,
+32x32x3), each in a fresh process (python -m training.benchmark.first_step),
+kerasbn against stock batch norms (unsynchronized, the kerasbn layers as
+they come): Keras's MobileNetV2 (alpha 0.35) through convert_to_kerasbn,
+and training.models' ResNet; on one device and on 4 CPU replicas
+(training.runtime's CPU split and strategy); compile(jit_compile=False)
+and jit_compile=True (which fails on CPU replicas: recorded as "not
+runnable here" with the error). The figure is from before the model is
+built to the end of the fit; the time from the process's start is shown
+beside it, and the imports are in results.json. Median of 3 processes
+(--reps N: N). Cost: 16 processes of 15-70 s each at --reps 1 on 2 idle
+cores (about 10 min; 3 times that by default, far more on a busy
+machine); --quick: the ResNet 8x8x1 on one device, one process each."""),
 }
 
 

@@ -1,0 +1,168 @@
+"""`python -m training.benchmark.first_step`: one fresh process's time to its first steps.
+
+    python -m training.benchmark.first_step --model mobilenet --bn kerasbn \\
+        --replicas 4 --xla off --spawned-at "$(date +%s.%N)"
+
+Builds a model (Keras's MobileNetV2, alpha 0.35, 10 classes, converted with
+`kerasbn.convert_to_kerasbn` for --bn kerasbn; or training.models' ResNet with kerasbn's
+or Keras's batch norm), compiles it and runs one `fit` of a few steps on random data,
+on one device or on a MirroredStrategy over logical CPU replicas (set up by
+`training.runtime.configure_runtime` and `make_strategy`), and prints one line,
+"first_step: " and a JSON dict of wall times in seconds, counted from --spawned-at (the
+parent's clock just before it started this process):
+
+    python_s      until this module's first line: the interpreter's start-up
+    imports_s     then TensorFlow, Keras (and kerasbn where the model needs it) imported,
+                  the devices set up
+    build_s       then the model built (and converted), in the strategy's scope
+    fit_s         then `compile` and the first `fit` done
+    first_step_s  build_s + fit_s: from before the model is built to the end of the fit
+    total_s       from --spawned-at to the end of the fit
+
+A configuration that fails prints {"error": "<type>: <first line>"} and exits with 1.
+The parent side is `run_fresh`; the first_step section of the benchmark runs it.
+"""
+
+import time
+
+STARTED = time.time()  # noqa: E402 - before anything else this process imports
+
+import argparse  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from training.benchmark.harness import describe  # noqa: E402
+
+MARKER = "first_step: "
+MODELS = ("mobilenet", "resnet")
+BATCH_NORMS = ("kerasbn", "keras")
+XLA = ("off", "step", "plan")
+NUM_CLASSES = 10
+REPO = Path(__file__).resolve().parents[2]
+
+
+def build_parser():
+    """The argument parser of `python -m training.benchmark.first_step`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.benchmark.first_step",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, required=True)
+    parser.add_argument("--bn", choices=BATCH_NORMS, required=True)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="logical CPU replicas of a MirroredStrategy (1: one device)")
+    parser.add_argument("--xla", choices=XLA, default="off",
+                        help="off: compile(jit_compile=False); step: jit_compile=True; "
+                        "plan: training.runtime's plan for --xla (auto-clustering on "
+                        "CPU replicas)")
+    parser.add_argument("--image", default="32,32,3", help="height,width,channels")
+    parser.add_argument("--batch", type=int, default=32, help="the global batch")
+    parser.add_argument("--steps", type=int, default=2, help="steps of the first fit")
+    parser.add_argument("--spawned-at", type=float, default=None,
+                        help="the parent's time.time() before it started this process "
+                        "(default: this module's first line)")
+    return parser
+
+
+def command(model, bn, replicas, xla, image, batch, steps):
+    """The command line of a fresh process for one configuration (see `run_fresh`)."""
+    return [sys.executable, "-m", "training.benchmark.first_step", "--model", model,
+            "--bn", bn, "--replicas", str(replicas), "--xla", xla,
+            "--image", ",".join(map(str, image)), "--batch", str(batch),
+            "--steps", str(steps)]
+
+
+def run_fresh(argv, timeout):
+    """Runs `argv` (a `command`) as a fresh process and reads its times.
+
+    Args:
+        argv: the command line; "--spawned-at" and the time are appended.
+        timeout: seconds after which the process is killed.
+
+    Returns:
+        The process's dict: its times (see the module docstring), or {"error": ...}
+        with the process's own error, the last line it wrote to stderr, or the
+        timeout.
+    """
+    env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
+    spawned_at = time.time()
+    try:
+        process = subprocess.run(argv + ["--spawned-at", repr(spawned_at)], cwd=REPO,
+                                 env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no first step within {timeout:.0f} s"}
+    lines = [line for line in process.stdout.splitlines() if line.startswith(MARKER)]
+    if lines:
+        return json.loads(lines[-1][len(MARKER):])
+    stderr = process.stderr.strip().splitlines()
+    return {"error": stderr[-1] if stderr else f"exit status {process.returncode}"}
+
+
+def build(model_name, bn, image):
+    """The model of the configuration, uncompiled: MobileNetV2 (converted to kerasbn for
+    `bn` "kerasbn"), or the ResNet with `bn`'s batch norms."""
+    import keras
+
+    if model_name == "resnet":
+        from training.models import build_model
+
+        return build_model("resnet", image, NUM_CLASSES, bn=bn)
+    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=image, weights=None,
+                                           classes=NUM_CLASSES)
+    if bn == "kerasbn":
+        import kerasbn
+
+        model = kerasbn.convert_to_kerasbn(model, synchronized=False)
+    return model
+
+
+def first_fit(args, spawned_at):
+    """Sets up the devices, builds, compiles and fits; returns the times (seconds
+    since `spawned_at`) of the module docstring."""
+    from training.runtime import configure_runtime, make_strategy
+
+    runtime = configure_runtime(replicas=args.replicas, xla=args.xla == "plan")
+    import keras
+    import numpy as np
+
+    if args.bn == "kerasbn" or args.model == "resnet":  # training.models imports it
+        importlib.import_module("kerasbn")  # here, so that its import counts as one
+    strategy = make_strategy(runtime)
+    image = tuple(int(n) for n in args.image.split(","))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch * args.steps,) + image, dtype=np.float32)
+    y = rng.integers(0, NUM_CLASSES, len(x)).astype(np.int32)
+    imported = time.time()
+    with strategy.scope():
+        model = build(args.model, args.bn, image)
+    built = time.time()
+    with strategy.scope():
+        model.compile(optimizer=keras.optimizers.SGD(0.01),
+                      loss="sparse_categorical_crossentropy",
+                      jit_compile={"off": False, "step": True,
+                                   "plan": runtime.xla.step_jit_compile}[args.xla])
+    model.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
+    fitted = time.time()
+    return {"python_s": STARTED - spawned_at, "imports_s": imported - STARTED,
+            "build_s": built - imported, "fit_s": fitted - built,
+            "first_step_s": fitted - imported, "total_s": fitted - spawned_at}
+
+
+def main(argv=None):
+    """Runs one configuration and prints its line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    spawned_at = STARTED if args.spawned_at is None else args.spawned_at
+    try:
+        result, status = first_fit(args, spawned_at), 0
+    except Exception as error:  # noqa: BLE001 - reported as "not runnable here"
+        result, status = {"error": describe(error)}, 1
+    print(MARKER + json.dumps(result), flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
