@@ -9,6 +9,7 @@ import inspect
 
 import keras
 
+from kerasbn import _population_parts
 from kerasbn import statistics
 
 
@@ -24,8 +25,8 @@ class PopulationStatistics(keras.callbacks.Callback):
     moving averages that lag behind them. `evaluate` called outside `fit` is left alone.
 
     The moving averages go on from the recomputed values in the next epoch; the
-    training-mode forward pass does not read them (except the renorm corrections of
-    `renorm=True` layers, whose `renorm_mean`/`renorm_stddev` are recomputed too).
+    training-mode forward pass does not read them. Renorm layers keep their
+    statistics (their corrections read them in training) unless `recompute_renorm`.
     The traced pass is kept from one evaluation to the next (retraced only when the
     model's batch norms or their `trainable` flags change). Works under the model's
     MirroredStrategy or MultiWorkerMirroredStrategy like `recompute_statistics`.
@@ -40,15 +41,16 @@ class PopulationStatistics(keras.callbacks.Callback):
         verbose: the passes' progress: 0 (default, quiet: fit shows its own), 1, 2.
         on_evaluation: recompute before each validation inside `fit`.
         on_train_end: recompute when `fit` ends.
+        recompute_renorm: recompute renorm layers too (see `recompute_statistics`).
 
     Attributes:
         summary: the `StatisticsSummary` of the last pass, or None.
     """
 
     def __init__(self, data, steps=None, batch_size=None, verbose=0, on_evaluation=True,
-                 on_train_end=True):
+                 on_train_end=True, recompute_renorm=False):
         super().__init__()
-        statistics._check_arguments(steps, verbose, batch_size)
+        _population_parts.check_arguments(steps, verbose, batch_size)
         if inspect.isgenerator(data):
             raise ValueError(
                 "PopulationStatistics: argument `data` must be data that can be read "
@@ -60,6 +62,7 @@ class PopulationStatistics(keras.callbacks.Callback):
         self.verbose = verbose
         self.on_evaluation = bool(on_evaluation)
         self.recompute_on_train_end = bool(on_train_end)
+        self.recompute_renorm = bool(recompute_renorm)
         self.summary = None
         self._pass = None
         self._in_fit = False
@@ -67,7 +70,7 @@ class PopulationStatistics(keras.callbacks.Callback):
     def recompute(self):
         """Recomputes now (what the callback does at its moments)."""
         if self._pass is None or not self._pass.matches(self.model):
-            self._pass = statistics.PopulationPass(self.model)
+            self._pass = statistics.PopulationPass(self.model, self.recompute_renorm)
         self.summary = self._pass.run(self.data, steps=self.steps, verbose=self.verbose,
                                       batch_size=self.batch_size)
         return self.summary

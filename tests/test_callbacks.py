@@ -8,6 +8,7 @@ import tensorflow as tf
 
 import kerasbn
 import reference
+from kerasbn import _population_parts
 from kerasbn import statistics
 
 STATISTICS = ("moving_mean", "moving_variance")
@@ -130,7 +131,7 @@ def test_under_four_replicas(mirrored_strategy, rng):
     for layer in model.layers:
         if statistics.is_batch_norm(layer):
             for name in STATISTICS:
-                copies = [c.numpy() for c in statistics._components(getattr(layer, name))]
+                copies = [c.numpy() for c in _population_parts.components(getattr(layer, name))]
                 assert len(copies) == 4
                 for copy in copies[1:]:
                     np.testing.assert_array_equal(copies[0], copy)

@@ -17,6 +17,7 @@ import tensorflow as tf
 import kerasbn
 import reference
 import workers
+from kerasbn import _population_parts
 from kerasbn import statistics
 
 RTOL = 1e-5
@@ -164,7 +165,7 @@ def moving_values(model):
     for layer in model._flatten_layers():
         if statistics.is_batch_norm(layer):
             for variable in layer.non_trainable_variables:
-                values[variable.path] = [c.numpy() for c in statistics._components(variable)]
+                values[variable.path] = [c.numpy() for c in _population_parts.components(variable)]
     return values
 
 
@@ -254,9 +255,9 @@ def test_steps_limits_the_batches(rng):
 
 
 def test_renorm_bessel_and_ghost_layers_get_consistent_statistics(rng):
-    """Bessel: n/(n-1)·σ². Renorm: moving_stddev = renorm_stddev = sqrt(σ²+ε),
-    renorm_mean = μ, moving_variance = relu(moving_stddev² − ε); the renorm corrections
-    stay fixed in the pass."""
+    """Bessel: n/(n-1)·σ². Renorm, with recompute_renorm=True: moving_stddev =
+    renorm_stddev = sqrt(σ²+ε), renorm_mean = μ, moving_variance = relu(moving_stddev²
+    − ε); the renorm corrections stay fixed in the pass."""
     kinds = {
         "renorm": lambda name: kerasbn_bn(name=name, renorm=True, epsilon=0.01,
                                           renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
@@ -282,7 +283,9 @@ def test_renorm_bessel_and_ghost_layers_get_consistent_statistics(rng):
     names = [name for kind in kinds for name in (kind, f"next_{kind}")]
     batches = [x[i:i + 10] for i in range(0, 37, 10)]
     captured = captured_inputs(model, names, batches)  # with the renorm statistics before
-    kerasbn.recompute_statistics(model, x, batch_size=10, verbose=0)
+    summary = kerasbn.recompute_statistics(model, x, batch_size=10, verbose=0,
+                                           recompute_renorm=True)
+    assert summary.renorm_kept == () and len(summary) == 2 * len(kinds)
     for kind in kinds:
         layer = model.get_layer(kind)
         bessel = "bessel" in kind
@@ -302,6 +305,62 @@ def test_renorm_bessel_and_ghost_layers_get_consistent_statistics(rng):
             assert reference.relative_error(layer.moving_variance.numpy(), variance) < RTOL
         # The layer after: its population is that of a pass with fixed renorm statistics.
         assert_statistics(model.get_layer(f"next_{kind}"), captured[f"next_{kind}"])
+
+
+def renorm_model(make_renorm):
+    """Dense → renorm layer → Dense → plain batch norm, and a plain branch beside it."""
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(3, name="dense")(inputs)
+    h = make_renorm(name="renorm")(h)
+    h = keras.layers.Dense(2, name="after")(h)  # fed by the renorm layer's training output
+    after = kerasbn_bn(name="next")(h)
+    plain = kerasbn_bn(name="plain")(keras.layers.Dense(3, name="side")(inputs))
+    return keras.Model(inputs, [after, plain])
+
+
+@pytest.mark.parametrize("make_renorm", [
+    lambda name: kerasbn_bn(name=name, renorm=True, epsilon=0.01,
+                            renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
+    lambda name: keras.layers.BatchNormalization(name=name, renorm=True),
+], ids=["kerasbn", "keras"])
+def test_renorm_layers_keep_their_statistics_by_default(rng, make_renorm):
+    """Renorm layers are trained to serve their moving statistics: kept bit for bit, the
+    layer after measured with the renorm layer in training mode (its corrections from
+    the kept statistics, as in training); every other batch norm recomputed."""
+    model = renorm_model(make_renorm)
+    randomize_statistics(model, rng)
+    renorm = model.get_layer("renorm")
+    before = {name: getattr(renorm, name).numpy().copy() for name in MOVING}
+    x = (rng.standard_normal((29, 4)) * 3 + 2).astype(np.float32)
+    captured = captured_inputs(model, ["next", "plain"], [x[i:i + 8] for i in range(0, 29, 8)])
+    summary = kerasbn.recompute_statistics(model, x, batch_size=8, verbose=0)
+    for name, value in before.items():
+        np.testing.assert_array_equal(getattr(renorm, name).numpy(), value, err_msg=name)
+    assert summary.renorm_kept == ("renorm",)
+    assert [layer.name for layer in summary] == ["next", "plain"]
+    assert "renorm, kept (recompute_renorm=True recomputes them): renorm" in str(summary)
+    for name in ("next", "plain"):
+        assert_statistics(model.get_layer(name), captured[name])
+
+
+def test_a_model_of_renorm_layers_only_reads_nothing_by_default(rng):
+    inputs = keras.Input((4,))
+    outputs = kerasbn_bn(name="renorm", renorm=True)(keras.layers.Dense(3)(inputs))
+    model = keras.Model(inputs, outputs)
+    randomize_statistics(model, rng)
+    before = [w.copy() for w in model.get_weights()]
+
+    def never_read():
+        raise AssertionError("the data was read")
+        yield  # a generator
+
+    summary = kerasbn.recompute_statistics(model, never_read(), verbose=0)
+    assert (len(summary), summary.batches, summary.renorm_kept) == (0, 0, ("renorm",))
+    for got, expected in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(got, expected)
+    x = rng.standard_normal((12, 4)).astype(np.float32)
+    summary = kerasbn.recompute_statistics(model, x, verbose=0, recompute_renorm=True)
+    assert [layer.name for layer in summary] == ["renorm"] and summary.examples == 12
 
 
 class Block(keras.layers.Layer):
@@ -394,7 +453,7 @@ def _state(model, optimizer):
     variables = {}
     for variable in list(model.variables) + list(optimizer.variables):
         if variable.path.split("/")[-1] not in MOVING:
-            variables[variable.path] = [c.numpy() for c in statistics._components(variable)]
+            variables[variable.path] = [c.numpy() for c in _population_parts.components(variable)]
     attributes = {}
     for layer in model._flatten_layers():
         plain = {k: v for k, v in vars(layer).items()
@@ -610,7 +669,7 @@ def test_four_replicas_give_the_population_of_the_global_batches(bn, scale, data
     dataset = dataset_of(data, 10)
     if data_kind == "distributed":
         dataset = strategy.experimental_distribute_dataset(dataset)
-    others = {v.path: [c.numpy() for c in statistics._components(v)]
+    others = {v.path: [c.numpy() for c in _population_parts.components(v)]
               for v in model.variables if v.path.split("/")[-1] not in MOVING}
 
     with strategy.scope():
@@ -624,7 +683,7 @@ def test_four_replicas_give_the_population_of_the_global_batches(bn, scale, data
             np.testing.assert_array_equal(copies[0], copy, err_msg=path)
     for variable in model.variables:
         if variable.path in others:
-            for a, b in zip(others[variable.path], statistics._components(variable)):
+            for a, b in zip(others[variable.path], _population_parts.components(variable)):
                 np.testing.assert_array_equal(a, b.numpy())
 
 
@@ -664,6 +723,31 @@ def test_the_pass_exchanges_once_for_all_layers(mirrored_strategy, rng):
     finally:
         tf.distribute.ReplicaContext.all_reduce = original
     assert len(counts) == 2 * 4  # traced once per replica: the gather+merge and the tallies
+
+
+def test_the_pass_step_is_kept_out_of_xla_auto_clustering(mirrored_strategy):
+    """Every op the step traces, on every replica, is marked _XlaCompile=False: under
+    TF_XLA_FLAGS auto-clustering a pass that runs once would spend most of its time
+    compiling (on 4 CPU replicas, 67 s of CPU against 29 s for the demo's pass)."""
+    with mirrored_strategy.scope():
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3),
+                                  kerasbn_bn(synchronized=True)])
+        population_pass = statistics.PopulationPass(model)
+        dataset = mirrored_strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices(np.zeros((8, 4), np.float32)).batch(8))
+        graph = population_pass._step.get_concrete_function(dataset.element_spec).graph
+
+    def marked(op):
+        try:
+            return op.get_attr("_XlaCompile") is False
+        except ValueError:
+            return False
+
+    unmarked = [op.type for op in graph.get_operations()
+                if not marked(op) and op.type != "Placeholder"]
+    assert not unmarked
+    devices = {op.device for op in graph.get_operations() if op.type == "AddV2"}
+    assert len(devices) == 4  # the replicas' ops, traced in their own threads
 
 
 # ------------------------------------------------------------------ several workers
