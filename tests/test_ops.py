@@ -25,6 +25,12 @@ BLOCKED_SHAPE = (131, 64, 128)
 assert np.prod(BLOCKED_SHAPE) >= ops._MIN_BLOCKED_VALUES
 assert BLOCKED_SHAPE[0] % (ops._BLOCK_VALUES // (64 * 128)) != 0
 
+# The same with axis 0 kept (a ghost batch norm's view, [groups, rows, channels]): summed
+# in blocks group after group, each group with a short last block.
+GROUPED_BLOCKED_SHAPE = (4, 2053, 128)
+assert np.prod(GROUPED_BLOCKED_SHAPE) >= ops._MIN_BLOCKED_VALUES
+assert GROUPED_BLOCKED_SHAPE[1] % (ops._BLOCK_VALUES // 128) != 0
+
 
 def _random_input(rng, shape, loc=0.0, scale=1.0):
     channel_offsets = rng.standard_normal(shape[-1])  # channels that differ from each other
@@ -56,6 +62,18 @@ def test_variance_is_accurate_for_any_mean_to_std_ratio(rng, ratio, compiled, sh
     _, ref_mean, ref_var = reference.moments(x, [2])
     assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
     assert reference.relative_error(mean, ref_mean) < 1e-6
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
+def test_moments_of_groups_summed_in_blocks_match_float64(rng, compiled):
+    """Axis 0 kept: every group has its own statistics, far apart, none mixed up."""
+    group_means = 1e3 * rng.standard_normal((GROUPED_BLOCKED_SHAPE[0], 1, 1))
+    x = (group_means + _random_input(rng, GROUPED_BLOCKED_SHAPE)).astype(np.float32)
+    count, mean, var = ops.moments(tf.constant(x), (1,), compiled=compiled)
+    ref_count, ref_mean, ref_var = reference.moments(x, [0, 2])
+    np.testing.assert_array_equal(count.numpy(), ref_count)
+    assert reference.relative_error(mean, ref_mean) < 1e-6
+    assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
@@ -203,8 +221,11 @@ def test_hand_derived_gradient_equals_autodiff_in_float64(rng, shape, channel_ax
     _check_gradient_against_autodiff(rng, shape, channel_axes, compiled)
 
 
-def test_hand_derived_gradient_summed_in_blocks_equals_autodiff(rng):
-    _check_gradient_against_autodiff(rng, BLOCKED_SHAPE, [2], compiled=True)
+@pytest.mark.parametrize("shape,channel_axes", [(BLOCKED_SHAPE, [2]),
+                                                (GROUPED_BLOCKED_SHAPE, [0, 2])],
+                         ids=["blocks", "blocks-group-after-group"])
+def test_hand_derived_gradient_summed_in_blocks_equals_autodiff(rng, shape, channel_axes):
+    _check_gradient_against_autodiff(rng, shape, channel_axes, compiled=True)
 
 
 def _check_gradient_against_autodiff(rng, shape, channel_axes, compiled):
