@@ -418,6 +418,170 @@ def test_command_line_out_dir_that_is_a_file(tmp_path, capsys):
     assert a_file.read_text() == "" and (tmp_path / "models" / "m").read_text() == ""
 
 
+# ------------------------------------------------------------------------ --recompute-statistics
+
+@pytest.fixture(scope="module")
+def stale_checkpoint(tmp_path_factory, digits_data_dir):
+    """The digits MLP trained for one epoch (23 steps) at Keras's momentum 0.99, saved.
+
+    Its moving averages have moved only 1 − 0.99²³ ≈ 21 % of the way from their initial
+    values (mean 0, variance 1) to the data's: served as they are, the model guesses.
+    """
+    from training import data, models
+
+    seed = int(os.environ.get("KERASBN_TEST_SEED") or
+               np.random.SeedSequence().entropy % (2**31))
+    print(f"seed of the stale checkpoint: {seed} (replay: KERASBN_TEST_SEED={seed})")
+    train, test, info = data.load("digits", data_dir=digits_data_dir)
+    keras.utils.set_random_seed(seed)
+    model = models.build_model("mlp", info.image_shape, info.num_classes, "kerasbn",
+                               bn_momentum=0.99, bn_jit_compile=False)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9),
+                  "sparse_categorical_crossentropy")
+    model.fit(data.batched(train, 64, shuffle=True, seed=seed), epochs=1, verbose=0)
+    path = tmp_path_factory.mktemp("stale") / "mlp.keras"
+    model.save(path)
+    images, labels = zip(*test.as_numpy_iterator())
+    return types.SimpleNamespace(path=str(path), train=train, images=np.stack(images),
+                                 labels=np.asarray(labels))
+
+
+def _served_accuracy(path, images, labels):
+    signature = _load_signature(path)
+    (name, _), = signature.structured_input_signature[1].items()
+    outputs = signature(**{name: tf.constant(images)})
+    (probabilities,) = outputs.values()
+    return float(np.mean(np.argmax(probabilities.numpy(), axis=-1) == labels))
+
+
+def _dense_population(model, images, dense, bn):
+    """float64 mean and variance of the batch norm `bn`'s input over all `images`: the
+    output of the Dense layer `dense` on the flattened images (the MLP's first one)."""
+    kernel = np.asarray(model.get_layer(dense).kernel, np.float64)
+    inputs = images.reshape(len(images), -1).astype(np.float64) @ kernel
+    return inputs.mean(axis=0), inputs.var(axis=0)
+
+
+def test_command_line_recomputes_statistics_before_export(stale_checkpoint, digits_data_dir,
+                                                          tmp_path, capsys, monkeypatch):
+    from training import train as train_program
+
+    recomputed = []  # the model the command line recomputed, and what it returned
+    real_recompute = kerasbn.recompute_statistics
+
+    def recording(model, *args, **kwargs):
+        recomputed.append(model)
+        return real_recompute(model, *args, **kwargs)
+
+    monkeypatch.setattr(kerasbn, "recompute_statistics", recording)
+    argv = ["--checkpoint", stale_checkpoint.path, "--name", "mlp", "--out-dir",
+            str(tmp_path), "--no-verify"]
+    assert export_cli.main(argv) == 0
+    assert not recomputed
+    assert export_cli.main(argv + ["--recompute-statistics", "--data-dir",
+                                   digits_data_dir]) == 0
+    printed = capsys.readouterr().out
+    assert ("population statistics: recomputing over one pass of the training split of "
+            "'digits' (batches of 64)") in printed
+    assert "Population statistics over 23 batches (1437 examples, 0 skipped" in printed
+    assert "hidden1_bn" in printed and "hidden3_bn" in printed
+    assert printed.index("Population statistics") < printed.index(
+        f"to {os.path.join(tmp_path, 'mlp', '2')}")
+
+    images, labels = stale_checkpoint.images, stale_checkpoint.labels
+    moving = _served_accuracy(tmp_path / "mlp" / "1", images, labels)
+    population = _served_accuracy(tmp_path / "mlp" / "2", images, labels)
+    print(f"served test accuracy: {moving:.3f} moving averages, {population:.3f} "
+          "population statistics")
+    assert population >= 0.8 and population >= moving + 0.3, (moving, population)
+
+    # What was exported is what a direct recompute over the same batches gives, bit for
+    # bit, and the first batch norm's is its input's float64 population.
+    (model,) = recomputed
+    direct = keras.saving.load_model(stale_checkpoint.path, compile=False)
+    real_recompute(direct, train_program.population_batches(
+        stale_checkpoint.train, 64, export_cli.DEFAULT_SEED, epochs=0), verbose=0)
+    for name in ("hidden1_bn", "hidden2_bn", "hidden3_bn"):
+        for statistic in ("moving_mean", "moving_variance"):
+            np.testing.assert_array_equal(
+                getattr(model.get_layer(name), statistic).numpy(),
+                getattr(direct.get_layer(name), statistic).numpy(), err_msg=name)
+    train_images = np.stack([image for image, _ in stale_checkpoint.train.as_numpy_iterator()])
+    mean, variance = _dense_population(model, train_images, "hidden1", "hidden1_bn")
+    bn = model.get_layer("hidden1_bn")
+    assert reference.relative_error(bn.moving_mean.numpy(), mean) < TOLERANCE
+    assert reference.relative_error(bn.moving_variance.numpy(), variance) < TOLERANCE
+    served = _load_signature(tmp_path / "mlp" / "2")
+    (name, _), = served.structured_input_signature[1].items()
+    (probabilities,) = served(**{name: tf.constant(images)}).values()
+    assert reference.relative_error(probabilities, _inference(model, images)) < TOLERANCE
+
+
+def test_command_line_population_batches(stale_checkpoint, digits_data_dir, tmp_path,
+                                         capsys):
+    argv = ["--checkpoint", stale_checkpoint.path, "--name", "mlp", "--out-dir",
+            str(tmp_path), "--no-verify", "--recompute-statistics", "--data-dir",
+            digits_data_dir, "--population-batches", "3", "--batch-size", "32",
+            "--seed", "5"]
+    assert export_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "recomputing over 3 batches of the training split of 'digits' (batches of 32)" \
+        in printed
+    assert "Population statistics over 3 batches (96 examples" in printed
+    assert re.search(r"^  hidden1_bn +96 ", printed, re.MULTILINE), printed
+
+
+@pytest.mark.parametrize("flags, phrases", [
+    (["--population-batches", "3"],
+     ["--population-batches is an option of the population pass: it needs "
+      "--recompute-statistics"]),
+    (["--seed", "1"], ["--seed is an option of the population pass"]),
+    (["--recompute-statistics", "--dataset", "no_such_dataset"],
+     ["--dataset: dataset 'no_such_dataset' is not a tensorflow-datasets name"]),
+], ids=["batches-alone", "seed-alone", "unknown-dataset"])
+def test_command_line_recompute_flag_errors(stale_checkpoint, tmp_path, capsys, flags,
+                                            phrases):
+    argv = ["--checkpoint", stale_checkpoint.path, "--name", "mlp", "--out-dir",
+            str(tmp_path)]
+    assert export_cli.main(argv + flags) == 2
+    _one_line_error(capsys, *phrases)
+    assert not (tmp_path / "mlp").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "two"])
+def test_command_line_population_batches_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        export_cli.main(["--checkpoint", "m.keras", "--name", "m", "--recompute-statistics",
+                         "--population-batches", value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"argument --population-batches: expected a positive integer, got {value!r}"
+            in err)
+
+
+def test_command_line_recompute_on_data_that_does_not_fit(exported, digits_data_dir,
+                                                         tmp_path, capsys):
+    """The 6×6×3 model of this file on the 8×8×1 digits; and a model with no batch norm."""
+    checkpoint = tmp_path / "tiny.keras"
+    exported.model.save(checkpoint)
+    argv = ["--checkpoint", str(checkpoint), "--name", "tiny", "--out-dir", str(tmp_path),
+            "--recompute-statistics", "--data-dir", digits_data_dir,
+            "--population-batches", "1"]
+    assert export_cli.main(argv) == 2
+    _one_line_error(capsys, "--recompute-statistics with --dataset digits: "
+                            "recompute_statistics: argument `data` must be batches that "
+                            "fit the inputs of model 'tiny'")
+    plain = tmp_path / "plain.keras"
+    keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(),
+                      keras.layers.Dense(10)]).save(plain)
+    argv[1] = str(plain)
+    assert export_cli.main(argv) == 2
+    _one_line_error(capsys, f"--recompute-statistics with --checkpoint {plain}: "
+                            "recompute_statistics: argument `model` must be a model "
+                            "holding at least one BatchNormalization layer")
+    assert not (tmp_path / "tiny").exists()
+
+
 # ------------------------------------------------------------------------ fresh processes
 # (started by the `exported` fixture; placed last so they had time to finish)
 

@@ -2,11 +2,20 @@
 
     python -m training.export --checkpoint checkpoints/resnet.keras --name digits
     # -> saved_models/digits/1/, batch norms folded into the convolutions before them
+    python -m training.export --checkpoint elsewhere.keras --name digits \
+        --recompute-statistics --population-batches 20
+    # first: every batch norm's moving statistics recomputed over the training data
 
 The export is written beside its target under a hidden name, loaded back in a fresh
 process and compared with the checkpoint's outputs, then renamed into place, so TF
 Serving (which watches saved_models/NAME/ for all-digit version directories) never
 sees a partial or wrong version.
+
+With --recompute-statistics, the batch norms' moving statistics are first set to the
+population statistics of the training split (`kerasbn.recompute_statistics`, on one
+device), read as `python -m training.train`'s own pass reads it
+(`training.train.population_batches`): for a checkpoint trained elsewhere, or
+with moving averages that lag behind its weights.
 """
 
 import argparse
@@ -14,6 +23,9 @@ import os
 import re
 import sys
 import zipfile
+
+from training import train_flags
+from training.program import positive_int
 
 PROG = "python -m training.export"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -63,7 +75,42 @@ def build_parser():
     parser.add_argument(
         "--out-dir", default="saved_models", metavar="DIR",
         help="the directory holding one subdirectory per model (default: saved_models)")
+    _statistics_flags(parser)
     return parser
+
+
+# Flags that only mean something with --recompute-statistics (their defaults are None).
+_RECOMPUTE_FLAGS = (("--population-batches", "population_batches"),
+                    ("--batch-size", "batch_size"), ("--seed", "seed"))
+DEFAULT_BATCH_SIZE = 64  # training.train's default --batch-size
+DEFAULT_SEED = 0
+
+
+def _statistics_flags(parser):
+    """--recompute-statistics and what it reads: training.train's flags, same meaning."""
+    group = parser.add_argument_group(
+        "population statistics (before export)",
+        "the training data is read as `python -m training.train` reads it for its own "
+        "population pass; --dataset, --data-dir and --download are training.train's")
+    group.add_argument(
+        "--recompute-statistics", action="store_true",
+        help="before exporting, set every batch norm's moving statistics to the exact "
+             "mean and variance of its inputs over the training split "
+             "(kerasbn.recompute_statistics): for a checkpoint trained elsewhere or "
+             "whose moving averages lag behind its weights. Renorm layers keep theirs")
+    group.add_argument(
+        "--population-batches", type=positive_int, default=None,
+        metavar="N",
+        help="batches of --batch-size (shuffled by --seed) the pass reads, at most one "
+             "pass (default: one pass over the training split)")
+    group.add_argument(
+        "--batch-size", type=positive_int, default=None, metavar="N",
+        help="examples per batch of the pass, best the batch size the model was trained "
+             f"with (default: {DEFAULT_BATCH_SIZE})")
+    group.add_argument("--seed", type=int, default=None,
+                       help=f"seed of the order of the pass's batches (default: "
+                            f"{DEFAULT_SEED})")
+    train_flags._data_flags(parser)
 
 
 def _first_line(error):
@@ -78,8 +125,8 @@ def _fail(message, code):
 def main(argv=None):
     """Runs the command line; returns the exit code (0 done, 1 export failed, 2 usage)."""
     args = build_parser().parse_args(argv)
-    problem = _checkpoint_problem(args.checkpoint) or _out_dir_problem(args.out_dir,
-                                                                       args.name)
+    problem = (_recompute_problem(args) or _checkpoint_problem(args.checkpoint)
+               or _out_dir_problem(args.out_dir, args.name))
     if problem:
         return _fail(problem, 2)
 
@@ -95,6 +142,10 @@ def main(argv=None):
         return _fail(f"--checkpoint: cannot load {args.checkpoint!r}: "
                      f"{_first_line(error)}", 2)
 
+    if args.recompute_statistics:
+        problem = recompute_on_training_data(model, args)
+        if problem:
+            return _fail(problem, 2)
     try:
         path, report = export_checkpoint(model, os.path.join(args.out_dir, args.name),
                                          version=args.version, fold=args.fold,
@@ -106,6 +157,55 @@ def main(argv=None):
     print(f"exported model {model.name!r} to {path}")
     print_summary(path, report)
     return 0
+
+
+def _recompute_problem(args):
+    """Why the population-statistics flags do not go together, or None."""
+    if args.recompute_statistics:
+        return None
+    given = [flag for flag, attribute in _RECOMPUTE_FLAGS
+             if getattr(args, attribute) is not None]
+    if given:
+        return (f"{given[0]} is an option of the population pass: it needs "
+                "--recompute-statistics")
+    return None
+
+
+def recompute_on_training_data(model, args):
+    """Recomputes `model`'s batch-norm statistics over the training split; prints them.
+
+    Args:
+        model: the loaded checkpoint.
+        args: the parsed command line (--dataset, --data-dir, --download,
+            --batch-size, --seed, --population-batches).
+
+    Returns:
+        None when done, else a one-line message naming the flag at fault (the data
+        cannot be had, or does not fit the model, or the model has no batch norm).
+    """
+    import kerasbn
+    from training import data, train
+
+    try:
+        split, _, _ = data.load(args.dataset, data_dir=args.data_dir,
+                                allow_download=args.download)
+    except data.DatasetUnavailableError as error:
+        return f"--dataset: {error}"
+    batch_size = args.batch_size or DEFAULT_BATCH_SIZE
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    batches = train.population_batches(split, batch_size, seed, epochs=0)
+    print(f"population statistics: recomputing over "
+          f"{'one pass of' if args.population_batches is None else f'{args.population_batches} batches of'}"
+          f" the training split of {args.dataset!r} (batches of {batch_size})", flush=True)
+    try:
+        summary = kerasbn.recompute_statistics(model, batches,
+                                               steps=args.population_batches, verbose=0)
+    except ValueError as error:  # recompute_statistics's messages name the argument
+        culprit = (f"--checkpoint {args.checkpoint}" if "argument `model`" in str(error)
+                   else f"--dataset {args.dataset}")
+        return f"--recompute-statistics with {culprit}: {_first_line(error)}"
+    print(summary)
+    return None
 
 
 def _checkpoint_problem(path):
