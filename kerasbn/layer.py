@@ -8,8 +8,17 @@ import tensorflow as tf
 
 from kerasbn import distribute
 from kerasbn import ops
+from kerasbn import virtual_batches
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# What get_config writes, in this order (Keras objects serialized).
+_CONFIG_ARGUMENTS = (
+    "axis", "momentum", "epsilon", "center", "scale", "beta_initializer",
+    "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
+    "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint",
+    "synchronized", "renorm", "renorm_clipping", "renorm_momentum", "bessel_correction",
+    "sync_group_size", "momentum_warmup", "virtual_batch_size", "jit_compile",
+)
 
 
 @keras.saving.register_keras_serializable(package="kerasbn")
@@ -93,32 +102,15 @@ class BatchNormalization(keras.layers.Layer):
     """
 
     def __init__(
-        self,
-        axis=-1,
-        momentum=0.99,
-        epsilon=1e-3,
-        center=True,
-        scale=True,
-        beta_initializer="zeros",
-        gamma_initializer="ones",
-        moving_mean_initializer="zeros",
-        moving_variance_initializer="ones",
-        beta_regularizer=None,
-        gamma_regularizer=None,
-        beta_constraint=None,
-        gamma_constraint=None,
-        synchronized=False,
-        renorm=False,
-        renorm_clipping=None,
-        renorm_momentum=0.99,
-        bessel_correction=False,
-        sync_group_size=None,
-        momentum_warmup=False,
-        virtual_batch_size=None,
-        jit_compile=True,
-        fused=None,
-        adjustment=None,
-        **kwargs,
+        self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
+        beta_initializer="zeros", gamma_initializer="ones",
+        moving_mean_initializer="zeros", moving_variance_initializer="ones",
+        beta_regularizer=None, gamma_regularizer=None,
+        beta_constraint=None, gamma_constraint=None, synchronized=False,
+        renorm=False, renorm_clipping=None, renorm_momentum=0.99,
+        # Keras's arguments above, kerasbn's below, then tf-keras's (see Args).
+        bessel_correction=False, sync_group_size=None, momentum_warmup=False,
+        virtual_batch_size=None, jit_compile=True, fused=None, adjustment=None, **kwargs,
     ):
         super().__init__(**kwargs)
         self._refuse_adjustment(adjustment)
@@ -131,9 +123,7 @@ class BatchNormalization(keras.layers.Layer):
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = keras.initializers.get(
-            moving_variance_initializer
-        )
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
         self.beta_regularizer = keras.regularizers.get(beta_regularizer)
         self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
         self.beta_constraint = keras.constraints.get(beta_constraint)
@@ -141,9 +131,7 @@ class BatchNormalization(keras.layers.Layer):
         self.synchronized = bool(synchronized)
         self.renorm = bool(renorm)
         self.renorm_clipping = self._validated_renorm_clipping(renorm_clipping)
-        self.renorm_momentum = self._validated_momentum(
-            "renorm_momentum", renorm_momentum
-        )
+        self.renorm_momentum = self._validated_momentum("renorm_momentum", renorm_momentum)
         self.bessel_correction = bool(bessel_correction)
         self.sync_group_size = self._validated_sync_group_size(sync_group_size)
         self.momentum_warmup = bool(momentum_warmup)
@@ -207,13 +195,16 @@ class BatchNormalization(keras.layers.Layer):
             return None
         if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
             raise self._argument_error("virtual_batch_size", size, "None or an int >= 1")
-        axes = self.axis if isinstance(self.axis, list) else [self.axis]
-        if 0 in axes:
-            raise self._argument_error(
-                "axis", self.axis,
-                f"free of the batch axis 0 when virtual_batch_size={size} (the groups "
-                "are formed along the batch axis)")
+        self._refuse_batch_axis(self.axis if isinstance(self.axis, list) else [self.axis],
+                                size)
         return int(size)
+
+    def _refuse_batch_axis(self, axes, size, rank=None):
+        if size is not None and 0 in axes:
+            inputs = "" if rank is None else f" for inputs of rank {rank}"
+            raise self._argument_error(
+                "axis", self.axis, f"free of the batch axis 0{inputs} when "
+                f"virtual_batch_size={size} (the groups are formed along the batch axis)")
 
     def _refuse_adjustment(self, adjustment):
         if adjustment is not None:
@@ -240,11 +231,7 @@ class BatchNormalization(keras.layers.Layer):
             axes = ops.channel_axes(self.axis, rank)
         except ops.AxisError as error:
             raise self._argument_error("axis", self.axis, error.allowed) from None
-        if self.virtual_batch_size is not None and 0 in axes:
-            raise self._argument_error(
-                "axis", self.axis,
-                f"free of the batch axis 0 for inputs of rank {rank} when "
-                f"virtual_batch_size={self.virtual_batch_size}")
+        self._refuse_batch_axis(axes, self.virtual_batch_size, rank)
         return axes
 
     # ---------------------------------------------------------------- build
@@ -275,15 +262,12 @@ class BatchNormalization(keras.layers.Layer):
                 trainable=True, autocast=False,
             )
         self.moving_mean = self._add_statistic("moving_mean", self.moving_mean_initializer)
-        self.moving_variance = self._add_statistic(
-            "moving_variance", self.moving_variance_initializer
-        )
+        self.moving_variance = self._add_statistic("moving_variance",
+                                                   self.moving_variance_initializer)
         if self.renorm:
             stddev_initializer = _SqrtOf(self.moving_variance_initializer)
             self.moving_stddev = self._add_statistic("moving_stddev", stddev_initializer)
-            self.renorm_mean = self._add_statistic(
-                "renorm_mean", self.moving_mean_initializer
-            )
+            self.renorm_mean = self._add_statistic("renorm_mean", self.moving_mean_initializer)
             self.renorm_stddev = self._add_statistic("renorm_stddev", stddev_initializer)
         if self.momentum_warmup:
             self.update_count = self._add_statistic("update_count", "zeros")
@@ -375,8 +359,7 @@ class BatchNormalization(keras.layers.Layer):
             count, mean, variance = group.merge_moments(
                 *ops.shifted_moments(x, layout.axes, weights, compiled=self.jit_compile)
             )
-        gamma, beta = self._scaled_for_training(mean, variance, *self._scale_and_offset(
-            mean.dtype))
+        gamma, beta = self._scaled_for_training(mean, variance)
         outputs = ops.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes, shape=layout.shape,
@@ -387,8 +370,10 @@ class BatchNormalization(keras.layers.Layer):
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
         return tf.reshape(outputs, tf.shape(inputs))
 
-    def _scaled_for_training(self, mean, variance, gamma, beta):
-        """γ and β, with Batch Renormalization's r and d folded in when `renorm`."""
+    def _scaled_for_training(self, mean, variance):
+        """γ and β for the batch statistics (mean, variance), with Batch Renormalization's
+        r and d folded in when `renorm`."""
+        gamma, beta = self._scale_and_offset(mean.dtype)
         if not self.renorm:
             return gamma, beta
         r, d = ops.renorm_correction(
@@ -397,32 +382,13 @@ class BatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon, **self.renorm_clipping)
         return gamma * r, gamma * d + beta
 
-    # ---------------------------------------------------------------- ghost batches
-
     def _normalize_in_virtual_batches(self, inputs, weights):
-        """Each group of `virtual_batch_size` examples normalized with its own statistics.
-
-        The batch is cut into full groups and, when the batch size is not a multiple
-        of k (or not known while tracing), a last group of the remaining examples
-        (possibly empty). The moving statistics move toward the whole batch's, merged
-        exactly from the groups (and across replicas when synchronized).
-        """
-        k = self.virtual_batch_size
-        size = tf.shape(inputs)[0]
-        head = (size // k) * k
-        parts = [(0, head, k)]
-        if inputs.shape[0] is None or inputs.shape[0] % k or inputs.shape[0] == 0:
-            parts.append((head, size - head, None))  # possibly empty: never no group
-        outputs, moments = [], []
-        for start, length, group_size in parts:
-            part = inputs[start:start + length] if len(parts) > 1 else inputs
-            part_weights = None if weights is None else (
-                weights[start:start + length] if len(parts) > 1 else weights)
-            y, part_moments = self._normalize_groups(part, part_weights, group_size)
-            outputs.append(y)
-            moments.append(part_moments)
-        shifted = [tf.concat(parts, axis=0) for parts in zip(*moments)]
-        batch = ops.merge_shifted_moments(*shifted)
+        """Ghost batch norm: see `virtual_batches.normalize`. The moving statistics move
+        toward the whole batch's, merged exactly from the groups (and across replicas
+        when synchronized)."""
+        outputs, batch = virtual_batches.normalize(
+            inputs, weights, self.virtual_batch_size, self._channel_axes,
+            self._scaled_for_training, epsilon=self.epsilon, compiled=self.jit_compile)
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
         if group is None:
             count, mean, variance = batch[0], batch[1] + batch[2], batch[3]
@@ -430,36 +396,7 @@ class BatchNormalization(keras.layers.Layer):
             count, mean, variance = group.merge_moments(*batch)
         self._update_moving_statistics(
             *(self._layout.to_channels(t) for t in (count, mean, variance)))
-        return outputs[0] if len(outputs) == 1 else tf.concat(outputs, axis=0)
-
-    def _normalize_groups(self, inputs, weights, group_size):
-        """Normalizes consecutive groups of `group_size` examples (None: one group).
-
-        Returns the output and the groups' shifted moments, each [groups, *channels]
-        in the view.
-        """
-        dims = tf.shape(inputs)
-        if group_size is None:
-            grouped_dims = tf.concat([[1], dims], axis=0)
-            static_groups = 1
-        else:
-            grouped_dims = tf.concat([[dims[0] // group_size, group_size], dims[1:]], 0)
-            static_groups = -1
-        layout = ops.Layout([static_groups, group_size] + list(inputs.shape[1:]),
-                            [0] + [axis + 1 for axis in self._channel_axes])
-        x = layout.view(tf.reshape(inputs, grouped_dims))
-        if weights is not None:
-            weights = layout.view(tf.reshape(weights, grouped_dims))
-        shifted = ops.shifted_moments(x, layout.axes, weights, compiled=self.jit_compile)
-        count, mean, variance = shifted[0], shifted[1] + shifted[2], shifted[3]
-        gamma, beta = (tf.broadcast_to(t, tf.shape(mean)) for t in self._scaled_for_training(
-            mean, variance, *self._scale_and_offset(mean.dtype)))
-        outputs = ops.normalize_for_training(
-            x, mean, variance, gamma, beta,
-            epsilon=self.epsilon, axes=layout.axes, shape=layout.shape,
-            count=count, mask=weights, compiled=self.jit_compile,
-        )
-        return tf.reshape(outputs, dims), shifted
+        return outputs
 
     def _mask_weights(self, mask, inputs):
         """A Keras mask as 0/1 weights of the input's shape (see `ops.mask_weights`)."""
@@ -530,31 +467,12 @@ class BatchNormalization(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        serialize = keras.saving.serialize_keras_object
-        config.update({
-            "axis": self.axis,
-            "momentum": self.momentum,
-            "epsilon": self.epsilon,
-            "center": self.center,
-            "scale": self.scale,
-            "beta_initializer": serialize(self.beta_initializer),
-            "gamma_initializer": serialize(self.gamma_initializer),
-            "moving_mean_initializer": serialize(self.moving_mean_initializer),
-            "moving_variance_initializer": serialize(self.moving_variance_initializer),
-            "beta_regularizer": serialize(self.beta_regularizer),
-            "gamma_regularizer": serialize(self.gamma_regularizer),
-            "beta_constraint": serialize(self.beta_constraint),
-            "gamma_constraint": serialize(self.gamma_constraint),
-            "synchronized": self.synchronized,
-            "renorm": self.renorm,
-            "renorm_clipping": self.renorm_clipping or None,
-            "renorm_momentum": self.renorm_momentum,
-            "bessel_correction": self.bessel_correction,
-            "sync_group_size": self.sync_group_size,
-            "momentum_warmup": self.momentum_warmup,
-            "virtual_batch_size": self.virtual_batch_size,
-            "jit_compile": self.jit_compile,
-        })
+        for name in _CONFIG_ARGUMENTS:
+            value = getattr(self, name)
+            if name.endswith(("_initializer", "_regularizer", "_constraint")):
+                value = keras.saving.serialize_keras_object(value)
+            config[name] = value
+        config["renorm_clipping"] = self.renorm_clipping or None
         return config
 
 
