@@ -317,6 +317,27 @@ def test_layer_options_reach_every_batch_norm(rng):
                                rtol=1e-5)
 
 
+def test_virtual_batch_size_makes_ghost_layers_that_normalize_each_group(rng):
+    k = 4
+    inputs = keras.Input((5, 5, 3))
+    conv = keras.layers.Conv2D(6, 3, name="conv")
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(conv(inputs)))
+    _randomize_batch_norms(model, rng)
+    converted = kerasbn.convert_to_kerasbn(model, synchronized=False, virtual_batch_size=k)
+    bn = converted.get_layer("bn")
+    assert type(bn) is kerasbn.BatchNormalization and bn.virtual_batch_size == k
+
+    x = rng.normal(1.0, 2.0, (10, 5, 5, 3)).astype(np.float32)  # groups of 4, 4 and 2
+    y = np.asarray(converted(x, training=True))
+    z = np.asarray(conv(x), np.float64)
+    gamma, beta = model.get_layer("bn").gamma.numpy(), model.get_layer("bn").beta.numpy()
+    groups = [reference.train_forward(z[start:start + k], -1, gamma, beta, bn.epsilon)[0]
+              for start in range(0, len(z), k)]
+    assert reference.relative_error(y, np.concatenate(groups)) < 1e-5
+    whole, *_ = reference.train_forward(z, -1, gamma, beta, bn.epsilon)
+    assert reference.relative_error(y, whole) > 1e-2  # not the whole batch's statistics
+
+
 @pytest.mark.parametrize("options,error,message", [
     ({"virtual_batch_sise": 8}, ValueError, r"virtual_batch_sise"),
     ({"momentum": 0.5}, ValueError, r"received momentum=0.5, an argument of "

@@ -234,6 +234,29 @@ def test_nested_models_sequential_top_level_and_keras_file(rng, tmp_path):
     assert [name for name, _ in report.frozen] == ["outer_bn"]
 
 
+def test_ghost_batch_norms_fold_and_freeze_like_any_other(rng):
+    """virtual_batch_size only acts in training: at export a ghost layer is Algorithm 2."""
+    model = keras.Sequential([
+        keras.Input((6, 6, 3)),
+        keras.layers.Conv2D(4, 3, use_bias=False, name="conv"),
+        _batch_norm("kerasbn", virtual_batch_size=4, momentum=0.5, name="ghost"),
+        keras.layers.ReLU(),
+        _batch_norm("kerasbn", virtual_batch_size=3, name="ghost_after_relu"),
+    ])
+    _randomize_batch_norms(model, rng)
+    for _ in range(2):  # moving statistics merged from groups, a last one smaller
+        model(rng.normal(1.0, 2.0, (10, 6, 6, 3)).astype("float32"), training=True)
+
+    folded, report = export.fold_batch_norms(model, return_report=True)
+
+    assert report.folded == [("ghost", "conv")]
+    assert [name for name, _ in report.frozen] == ["ghost_after_relu"]
+    assert _layer_types(folded) == Counter({"InputLayer": 1, "Conv2D": 1, "ReLU": 1,
+                                            "FrozenAffine": 1})
+    x = rng.normal(0.0, 1.0, (7, 6, 6, 3)).astype("float32")
+    assert reference.relative_error(_inference(folded, x), _inference(model, x)) < TOLERANCE
+
+
 @pytest.mark.parametrize("function", ["fold_batch_norms", "freeze_batch_norms"])
 def test_model_without_batch_norm_is_copied(function, rng):
     inputs = keras.Input((6,))
