@@ -372,8 +372,9 @@ def _population_pass(model, args, train, strategy, paths):
                 "standard deviation, variance change relative to the old variance)")
     callbacks.write_population_statistics(
         os.path.join(paths.log_dir, BATCH_NORM_LOGS), model, step=args.epochs - 1)
-    return {"statistics": POPULATION, "population_statistics": summary,
-            "population_seconds": seconds}
+    # Renorm layers keep their moving statistics (see kerasbn.recompute_statistics).
+    return {"statistics": POPULATION if len(summary) else MOVING_AVERAGES,
+            "population_statistics": summary, "population_seconds": seconds}
 
 
 def _remove_empty_dir(path):
