@@ -284,8 +284,10 @@ def run_cell(method, per_replica, seed, data, strategy, steps):
               "training": float(history.history["accuracy"][-1])}
     if method.has_statistics():
         with strategy.scope():
+            # Renorm layers too (not the default), to measure what that serves.
             kerasbn.recompute_statistics(
-                model, data.train.batch(global_batch, drop_remainder=True), verbose=0)
+                model, data.train.batch(global_batch, drop_remainder=True), verbose=0,
+                recompute_renorm=True)
         result["population"] = served_accuracy(model, data)
     return result
 
