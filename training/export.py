@@ -14,7 +14,7 @@ sees a partial or wrong version.
 With --recompute-statistics, the batch norms' moving statistics are first set to the
 population statistics of the training split (`kerasbn.recompute_statistics`, on one
 device), read as `python -m training.train`'s own pass reads it
-(`training.train.population_batches`): for a checkpoint trained elsewhere, or
+(`training.data.population_batches`): for a checkpoint trained elsewhere, or
 with moving averages that lag behind its weights.
 """
 
@@ -110,7 +110,7 @@ def _statistics_flags(parser):
     group.add_argument("--seed", type=int, default=None,
                        help=f"seed of the order of the pass's batches (default: "
                             f"{DEFAULT_SEED})")
-    train_flags._data_flags(parser)
+    train_flags.add_data_flags(parser)
 
 
 def _first_line(error):
@@ -184,7 +184,7 @@ def recompute_on_training_data(model, args):
         cannot be had, or does not fit the model, or the model has no batch norm).
     """
     import kerasbn
-    from training import data, train
+    from training import data
 
     try:
         split, _, _ = data.load(args.dataset, data_dir=args.data_dir,
@@ -193,10 +193,11 @@ def recompute_on_training_data(model, args):
         return f"--dataset: {error}"
     batch_size = args.batch_size or DEFAULT_BATCH_SIZE
     seed = DEFAULT_SEED if args.seed is None else args.seed
-    batches = train.population_batches(split, batch_size, seed, epochs=0)
-    print(f"population statistics: recomputing over "
-          f"{'one pass of' if args.population_batches is None else f'{args.population_batches} batches of'}"
-          f" the training split of {args.dataset!r} (batches of {batch_size})", flush=True)
+    batches = data.population_batches(split, batch_size, seed, epochs=0)
+    amount = ("one pass of" if args.population_batches is None
+              else f"{args.population_batches} batches of")
+    print(f"population statistics: recomputing over {amount} the training split of "
+          f"{args.dataset!r} (batches of {batch_size})", flush=True)
     try:
         summary = kerasbn.recompute_statistics(model, batches,
                                                steps=args.population_batches, verbose=0)

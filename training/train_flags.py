@@ -50,13 +50,14 @@ def build_parser():
         "an interrupted run started again with the same --out resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for add_group in (_data_flags, _model_flags, _training_flags, _statistics_flags,
+    for add_group in (add_data_flags, _model_flags, _training_flags, _statistics_flags,
                       _device_flags, _output_flags):
         add_group(parser)
     return parser
 
 
-def _data_flags(parser):
+def add_data_flags(parser):
+    """--dataset, --data-dir and --download (python -m training.export reads them too)."""
     group = parser.add_argument_group("data")
     group.add_argument("--dataset", default="digits", metavar="NAME",
                        help="tensorflow-datasets name of an image-classification dataset "
