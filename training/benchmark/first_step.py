@@ -58,7 +58,8 @@ def build_parser():
     parser.add_argument("--xla", choices=XLA, default="off",
                         help="off: compile(jit_compile=False); step: jit_compile=True; "
                         "plan: training.runtime's plan for --xla (auto-clustering on "
-                        "CPU replicas)")
+                        "CPU replicas: MobileNetV2 on 4 took 16 min to its first step "
+                        "on 2 busy cores)")
     parser.add_argument("--image", default="32,32,3", help="height,width,channels")
     parser.add_argument("--batch", type=int, default=32, help="the global batch")
     parser.add_argument("--steps", type=int, default=2, help="steps of the first fit")

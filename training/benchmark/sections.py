@@ -365,9 +365,9 @@ and jit_compile=True (which fails on CPU replicas: recorded as "not
 runnable here" with the error). The figure is from before the model is
 built to the end of the fit; the time from the process's start is shown
 beside it, and the imports are in results.json. Median of 3 processes
-(--reps N: N). Cost: 16 processes of 15-70 s each at --reps 1 on 2 idle
-cores (about 10 min; 3 times that by default, far more on a busy
-machine); --quick: the ResNet 8x8x1 on one device, one process each."""),
+(--reps N: N). Cost: 16 processes of 10 s to 3 min each, 16 min at
+--reps 1 on 2 cores at load 7-8 (3 times that by default); --quick: the
+ResNet 8x8x1 on one device, one process each."""),
 }
 
 
