@@ -30,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from training import digits_dataset
+from training.program import first_error_line
 
 DEFAULT_DATASET = "digits"
 
@@ -286,7 +287,7 @@ def _builder(name, data_dir):
     try:
         return tfds.builder(tfds_name, data_dir=data_dir)
     except ValueError as error:  # e.g. a config or version the dataset lacks
-        raise _unavailable(name, _one_line(error)) from error
+        raise _unavailable(name, first_error_line(error, _MAX_REASON_CHARS)) from error
 
 
 def _is_image_classification(info):
@@ -322,7 +323,7 @@ def _prepare(name, builder, data_dir):
         builder.download_and_prepare()
     except Exception as error:
         raise _unavailable(
-            name, f"no prepared copy in {data_dir}, and preparing one failed: {_one_line(error)}"
+            name, f"no prepared copy in {data_dir}, and preparing one failed: {first_error_line(error, _MAX_REASON_CHARS)}"
         ) from error
 
 
@@ -348,14 +349,6 @@ def _read(builder, split):
 
     dataset = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
     return dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _one_line(error):
-    lines = str(error).strip().splitlines() or [type(error).__name__]
-    line = lines[0].rstrip(" :")
-    if len(line) > _MAX_REASON_CHARS:
-        line = line[: _MAX_REASON_CHARS - 3] + "..."
-    return line
 
 
 def _unavailable(name, reason):

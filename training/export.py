@@ -25,7 +25,7 @@ import sys
 import zipfile
 
 from training import train_flags
-from training.program import positive_int
+from training.program import first_error_line, positive_int
 
 PROG = "python -m training.export"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
@@ -113,10 +113,6 @@ def _statistics_flags(parser):
     train_flags.add_data_flags(parser)
 
 
-def _first_line(error):
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _fail(message, code):
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
@@ -140,7 +136,7 @@ def main(argv=None):
         model = keras.saving.load_model(args.checkpoint, compile=False)
     except Exception as error:  # Keras raises many kinds for an unreadable file
         return _fail(f"--checkpoint: cannot load {args.checkpoint!r}: "
-                     f"{_first_line(error)}", 2)
+                     f"{first_error_line(error)}", 2)
 
     if args.recompute_statistics:
         problem = recompute_on_training_data(model, args)
@@ -153,7 +149,7 @@ def main(argv=None):
     except FileExistsError as error:
         return _fail(f"--version: {error}", 2)
     except (OSError, ValueError, TypeError, RuntimeError) as error:
-        return _fail(_first_line(error), 1)
+        return _fail(first_error_line(error), 1)
     print(f"exported model {model.name!r} to {path}")
     print_summary(path, report)
     return 0
@@ -204,7 +200,7 @@ def recompute_on_training_data(model, args):
     except ValueError as error:  # recompute_statistics's messages name the argument
         culprit = (f"--checkpoint {args.checkpoint}" if "argument `model`" in str(error)
                    else f"--dataset {args.dataset}")
-        return f"--recompute-statistics with {culprit}: {_first_line(error)}"
+        return f"--recompute-statistics with {culprit}: {first_error_line(error)}"
     print(summary)
     return None
 

@@ -54,6 +54,22 @@ positive_float = checked(float, lambda value: value > 0 and math.isfinite(value)
                          "a positive number")
 
 
+# The lines TensorFlow puts before the message of an error raised in a graph.
+_GRAPH_ERROR_PREAMBLE = ("Graph execution error:", "Detected at node ", "  File ")
+
+
+def first_error_line(error, limit=300):
+    """The first line of an error's message that says something, at most `limit` chars.
+
+    TensorFlow's errors from graph execution start with "Graph execution error:" and a
+    Python stack; those lines are skipped. An error without a message gives its type.
+    """
+    lines = [line for line in str(error).strip().splitlines()
+             if line.strip() and not line.startswith(_GRAPH_ERROR_PREAMBLE)]
+    line = (lines[0] if lines else type(error).__name__).rstrip(" :")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 def check_out_dir(out, flag="--out"):
     """Refuses an output directory that names an existing file.
 

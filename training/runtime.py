@@ -24,6 +24,8 @@ import re
 import sys
 import tempfile
 
+from training.program import first_error_line
+
 # XLA auto-clustering on CPU: cluster every compilable op (level 2), on CPUs too.
 AUTO_JIT_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit")
 
@@ -224,13 +226,13 @@ def whole_step_fallback(plan, error):
     Returns:
         An `XlaPlan` with `step_jit_compile=False` and a description that says why.
     """
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    reason = f"{type(error).__name__}: {first_error_line(error, limit=200)}"
     return dataclasses.replace(
         plan, step_jit_compile=False, layer_jit_compile=True,
         description=(
-            "TensorFlow refused the whole compiled step on several replicas "
-            f"({type(error).__name__}: {first_line}); fell back to each kerasbn layer's "
-            "math as XLA programs (model.compile(jit_compile=False))"
+            f"TensorFlow refused the whole compiled step on several replicas ({reason}); "
+            "fell back to each kerasbn layer's math as XLA programs "
+            "(model.compile(jit_compile=False))"
             + (" with XLA auto-clustering" if plan.auto_clustering else "")))
 
 

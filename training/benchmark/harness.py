@@ -21,6 +21,8 @@ from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
+from training.program import first_error_line
+
 # Roles of a contender: ours and theirs are compared; a reference (a copy of x, a model
 # without batch norm) is timed in the same round-robin but left out of the ratios.
 OURS, THEIRS, REFERENCE = "ours", "theirs", "reference"
@@ -80,17 +82,11 @@ class Report:
         print(f"  skipped [{section}] {contender}: {reason}", flush=True)
 
 
-# TensorFlow's errors from a tf.function open with these lines, and the traceback of the
-# node ("  File ..."), before their message.
-GRAPH_ERROR_PREAMBLE = ("Graph execution error:", "Detected at node ", "  File ")
-
-
 def describe(error):
     """An exception as one short line: its type and the first line of its message
     (for TensorFlow's graph execution errors, the first line after their preamble)."""
-    lines = [line for line in str(error).strip().splitlines()
-             if line.strip() and not line.startswith(GRAPH_ERROR_PREAMBLE)]
-    return f"{type(error).__name__}: {lines[0][:300] if lines else ''}"
+    name, line = type(error).__name__, first_error_line(error)
+    return name if line == name else f"{name}: {line}"
 
 
 def round_robin(calls, timing, on_error):
