@@ -48,6 +48,7 @@ import dataclasses
 import functools
 import threading
 import warnings
+import weakref
 
 import keras
 import numpy as np
@@ -214,8 +215,24 @@ def recompute_statistics(model, data, steps=None, verbose="auto", batch_size=Non
             unbuilt one. The message names the argument, the value and what is allowed.
     """
     parts.check_arguments(steps, verbose, batch_size)
-    return PopulationPass(model, recompute_renorm=recompute_renorm).run(
+    return _pass_for(model, bool(recompute_renorm)).run(
         data, steps=steps, verbose=verbose, batch_size=batch_size)
+
+
+# Each model's passes, kept while the model lives: a later recompute of the same model
+# reuses the traced step and the accumulators instead of tracing anew (which costs many
+# times the pass's batches on a small dataset).
+_PASSES = weakref.WeakKeyDictionary()
+
+
+def _pass_for(model, recompute_renorm):
+    """The `PopulationPass` of `model`, made anew only when the model's batch norms or
+    their `trainable` flags have changed since the last one."""
+    passes = _PASSES.setdefault(model, {})
+    population_pass = passes.get(recompute_renorm)
+    if population_pass is None or not population_pass.matches(model):
+        population_pass = passes[recompute_renorm] = PopulationPass(model, recompute_renorm)
+    return population_pass
 
 
 # ---------------------------------------------------------------------- the pass
@@ -235,7 +252,7 @@ class PopulationPass:
     """
 
     def __init__(self, model, recompute_renorm=False):
-        self.model = model
+        self._model = weakref.ref(model)  # the pass may be cached for as long as the model lives
         self.recompute_renorm = bool(recompute_renorm)
         self.layers, self.renorm_kept, self.frozen = parts.batch_norms(
             model, self.recompute_renorm)
@@ -267,6 +284,11 @@ class PopulationPass:
     def _key_of(model):
         return tuple((id(layer), bool(layer.trainable))
                      for layer in parts.all_layers(model) if parts.is_batch_norm(layer))
+
+    @property
+    def model(self):
+        """The model whose batch norms the pass recomputes."""
+        return self._model()
 
     def matches(self, model):
         """True when this pass still fits `model` (same batch norms, same trainable flags)."""
