@@ -9,6 +9,7 @@ runs MultiWorkerMirroredStrategy over 2 worker processes (tests/multiworker_work
 
 import collections
 import os
+import sys
 import threading
 
 import keras
@@ -651,7 +652,8 @@ def test_multi_worker_training_matches_one_device(rng, tmp_path):
     np.savez(input_path, **inputs)
 
     outputs = [str(tmp_path / f"output_{i}.npz") for i in range(2)]
-    workers.run_workers(WORKER, input_path, outputs, str(tmp_path), WORKER_TIMEOUT)
+    workers.run_workers([[sys.executable, WORKER, input_path, output] for output in outputs],
+                        str(tmp_path), WORKER_TIMEOUT)
     results = [dict(np.load(path)) for path in outputs]
 
     # The single-process reference: the same steps on the concatenated global batches.

@@ -8,6 +8,7 @@ and on 2 worker processes with MultiWorkerMirroredStrategy (tests/statistics_wor
 """
 
 import os
+import sys
 
 import keras
 import numpy as np
@@ -771,7 +772,8 @@ def test_two_workers_get_identical_population_statistics(rng, tmp_path):
     input_path = str(tmp_path / "input.npz")
     np.savez(input_path, **inputs)
     outputs = [str(tmp_path / f"output_{i}.npz") for i in range(2)]
-    workers.run_workers(WORKER, input_path, outputs, str(tmp_path), WORKER_TIMEOUT)
+    workers.run_workers([[sys.executable, WORKER, input_path, output] for output in outputs],
+                        str(tmp_path), WORKER_TIMEOUT)
     results = [dict(np.load(path)) for path in outputs]
 
     names = [layer.name for layer in model.layers if statistics.is_batch_norm(layer)]

@@ -1,17 +1,17 @@
-"""Launching a test's 2 worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy).
+"""Launching a test's worker processes on 127.0.0.1 (MultiWorkerMirroredStrategy).
 
-    run_workers(WORKER_SCRIPT, input_path, [output_0, output_1], log_dir, timeout=120)
+    run_workers([command_0, command_1], log_dir, timeout=120)
 
-Each worker runs `python SCRIPT INPUT OUTPUT` with TF_CONFIG naming both workers on
-free local ports and its own index; what it prints goes to log_dir/worker_<i>.log.
-Used by test_distribute.py (training) and test_statistics.py (population statistics).
+Each worker runs its command (an argv list) with TF_CONFIG naming every worker on free
+local ports and its own index; what it prints goes to log_dir/worker_<i>.log. Used by
+test_distribute.py (training), test_statistics.py (population statistics) and
+test_train.py (the training program).
 """
 
 import json
 import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
@@ -43,28 +43,29 @@ def worker_environment(cluster, index):
     return env
 
 
-def run_workers(script, input_path, output_paths, log_dir, timeout):
-    """Runs one worker process per output path; fails the test if any does not end well.
+def run_workers(commands, log_dir, timeout, cwd=None):
+    """Runs one worker process per command; fails the test if any does not end well.
 
     Args:
-        script: the worker's Python file, run as `python script input_path output_path`.
-        input_path: the file every worker reads.
-        output_paths: one file per worker, which it writes.
+        commands: one argv list per worker.
         log_dir: where worker_<i>.log (stdout and stderr) goes. Files, not pipes: a
             worker blocked on a full pipe would stall the other.
         timeout: seconds each worker may take.
+        cwd: the workers' working directory (None: this process's).
+
+    Returns:
+        The path of each worker's log, in order.
 
     Every process is reaped, also on failure or timeout; the failure message holds the
     tail of the failed worker's log.
     """
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(len(output_paths))]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(len(commands))]}
     processes = []
     try:
-        for index, output_path in enumerate(output_paths):
+        for index, command in enumerate(commands):
             log = open(os.path.join(log_dir, f"worker_{index}.log"), "wb")
             processes.append((subprocess.Popen(
-                [sys.executable, script, input_path, output_path],
-                env=worker_environment(cluster, index), stdout=log,
+                command, cwd=cwd, env=worker_environment(cluster, index), stdout=log,
                 stderr=subprocess.STDOUT), log))
         for index, (process, log) in enumerate(processes):
             try:
@@ -82,3 +83,4 @@ def run_workers(script, input_path, output_paths, log_dir, timeout):
                 process.kill()
                 process.wait()
             log.close()
+    return [log.name for _, log in processes]
