@@ -231,7 +231,9 @@ def _pass_for(model, recompute_renorm):
     passes = _PASSES.setdefault(model, {})
     population_pass = passes.get(recompute_renorm)
     if population_pass is None or not population_pass.matches(model):
-        population_pass = passes[recompute_renorm] = PopulationPass(model, recompute_renorm)
+        population_pass = PopulationPass(model, recompute_renorm)
+        population_pass._holds_model = None  # the cache must not keep the model alive
+        passes[recompute_renorm] = population_pass
     return population_pass
 
 
@@ -252,7 +254,8 @@ class PopulationPass:
     """
 
     def __init__(self, model, recompute_renorm=False):
-        self._model = weakref.ref(model)  # the pass may be cached for as long as the model lives
+        self._holds_model = model
+        self._model = weakref.ref(model)
         self.recompute_renorm = bool(recompute_renorm)
         self.layers, self.renorm_kept, self.frozen = parts.batch_norms(
             model, self.recompute_renorm)

@@ -7,8 +7,10 @@ The same checks run on 4 MirroredStrategy replicas (the `mirrored_strategy` fixt
 and on 2 worker processes with MultiWorkerMirroredStrategy (tests/statistics_worker.py).
 """
 
+import gc
 import os
 import sys
+import weakref
 
 import keras
 import numpy as np
@@ -858,3 +860,24 @@ def test_recomputing_many_models_logs_no_retracing_warning(rng, tensorflow_log):
                                   kerasbn.BatchNormalization()])
         kerasbn.recompute_statistics(model, x, verbose=0)
     assert not [m for m in tensorflow_log if "retracing" in m]
+
+
+def test_a_second_recompute_reuses_the_traced_pass_and_keeps_no_model_alive(rng):
+    model = build_model(kerasbn_bn)
+    data = make_data(rng, 50)
+    kerasbn.recompute_statistics(model, data, batch_size=16, verbose=0)
+    population_pass = statistics._PASSES[model][False]
+    traces = population_pass._step.experimental_get_tracing_count()
+    randomize_statistics(model, rng)
+    kerasbn.recompute_statistics(model, data, batch_size=16, verbose=0)
+    assert statistics._PASSES[model][False] is population_pass
+    assert population_pass._step.experimental_get_tracing_count() == traces
+    assert_model_statistics(model, data, 16)
+    # A changed trainable flag is a different pass.
+    model.get_layer(BN_NAMES[0]).trainable = False
+    kerasbn.recompute_statistics(model, data, batch_size=16, verbose=0)
+    assert statistics._PASSES[model][False] is not population_pass
+    alive = weakref.ref(model)
+    del model, population_pass
+    gc.collect()
+    assert alive() is None

@@ -627,7 +627,8 @@ def test_xla_compiles_clusters_on_every_replica_of_four(processes):
                        grad + r"hidden2(_\d+)?/MatMul",
                        prefix + r"hidden3_bn(_\d+)?/"):
             assert any(re.search(needed, name) for name in names), needed
-    assert any(re.search(r"(^|/)sgd/", name) for name in names)
+    # The optimizer of the model compiled again after the refusal is "sgd_1".
+    assert any(re.search(r"(^|/)sgd(_\d+)?/", name) for name in names)
 
 
 def test_a_refused_whole_step_falls_back_in_one_line(processes):
