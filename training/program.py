@@ -70,6 +70,39 @@ def first_error_line(error, limit=300):
     return line if len(line) <= limit else line[:limit - 3] + "..."
 
 
+def parse_args(parser, argv, defaults, quick_defaults, check):
+    """Parses `argv`, fills the flags not given, then checks the whole.
+
+    Args:
+        parser: the program's `argparse.ArgumentParser`; its flags default to None
+            where `defaults` or `quick_defaults` decide, and it has `--quick`.
+        argv: the arguments after the program name; None for `sys.argv[1:]`.
+        defaults: {attribute: value} for flags not given.
+        quick_defaults: {attribute: value} for flags not given with --quick (before
+            `defaults`).
+        check: a function of the parsed arguments raising `UsageError`.
+
+    Returns:
+        The `argparse.Namespace`, lists (nargs="+") turned into tuples.
+
+    Raises:
+        SystemExit: exit code 2 with a one-line message, for a value not allowed.
+    """
+    args = parser.parse_args(argv)
+    fill = {**defaults, **(quick_defaults if args.quick else {})}
+    for name, value in fill.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, value in vars(args).items():
+        if isinstance(value, list):
+            setattr(args, name, tuple(value))
+    try:
+        check(args)
+    except UsageError as error:
+        parser.error(str(error))
+    return args
+
+
 def check_out_dir(out, flag="--out"):
     """Refuses an output directory that names an existing file.
 

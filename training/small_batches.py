@@ -39,6 +39,7 @@ import shlex
 import sys
 import time
 
+from training import program
 from training.program import UsageError, check_out_dir, int_at_least, progress, write_document
 
 PROGRAM = "python -m training.small_batches"
@@ -111,21 +112,9 @@ def parse_args(argv=None):
     Raises:
         SystemExit: exit code 2 with a one-line message, for a flag value not allowed.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    args.steps = args.steps or DEFAULT_STEPS
-    args.seeds = tuple(args.seeds if args.seeds is not None else DEFAULT_SEEDS)
-    args.per_replica = tuple(args.per_replica or DEFAULT_PER_REPLICA)
-    args.replicas = args.replicas or DEFAULT_REPLICAS
-    try:
-        _check(args)
-    except UsageError as error:
-        parser.error(str(error))
-    return args
+    defaults = {"steps": DEFAULT_STEPS, "seeds": DEFAULT_SEEDS,
+                "per_replica": DEFAULT_PER_REPLICA, "replicas": DEFAULT_REPLICAS}
+    return program.parse_args(_parser(), argv, defaults, QUICK, _check)
 
 
 def _parser():

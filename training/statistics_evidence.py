@@ -37,6 +37,7 @@ import shlex
 import sys
 import time
 
+from training import program
 from training.program import (UsageError, check_installed, check_out_dir, int_at_least,
                               progress, write_document)
 
@@ -97,20 +98,8 @@ def parse_args(argv=None):
     Raises:
         SystemExit: exit code 2 with a one-line message, for a flag value not allowed.
     """
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) is None:
-                setattr(args, name, value)
-    args.epochs = args.epochs or DEFAULT_EPOCHS
-    args.seeds = tuple(args.seeds if args.seeds is not None else DEFAULT_SEEDS)
-    args.model = args.model or DEFAULT_MODEL
-    try:
-        _check(args)
-    except UsageError as error:
-        parser.error(str(error))
-    return args
+    defaults = {"epochs": DEFAULT_EPOCHS, "seeds": DEFAULT_SEEDS, "model": DEFAULT_MODEL}
+    return program.parse_args(_parser(), argv, defaults, QUICK, _check)
 
 
 def _parser():
