@@ -126,7 +126,7 @@ FULL = Config(
     resnet_batch=64, resnet_image=(32, 32, 3), resnet_xla=True,
     export_batches=(1, 64), export_all=True,
     statistics_cases=(StatisticsCase((8, 8, 1), 64, 22), StatisticsCase((32, 32, 3), 64, 8)),
-    statistics_reps=5,
+    statistics_reps=15,
     ghost_shape=(64, 32, 32, 64), ghost_virtual_batch_size=8, ghost_reps=40,
     # Not "plan": XLA auto-clustering took MobileNetV2 on 4 CPU replicas 16 minutes to
     # its first step here (python -m training.benchmark.first_step --xla plan).
