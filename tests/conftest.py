@@ -53,8 +53,10 @@ def rng(request):
 @pytest.fixture(scope="session")
 def mirrored_strategy():
     """MirroredStrategy over the logical CPU devices: NUM_LOGICAL_CPUS replicas."""
-    devices = [f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)]
-    return tf.distribute.MirroredStrategy(devices)
+    from training import runtime
+
+    # Keys of its own: test modules that run training.train make strategies too.
+    return runtime.mirrored_strategy([f"/cpu:{i}" for i in range(NUM_LOGICAL_CPUS)])
 
 
 @pytest.fixture(scope="session")

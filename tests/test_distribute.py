@@ -23,6 +23,7 @@ import kerasbn
 import reference
 import workers
 from kerasbn import distribute
+from training import runtime
 
 NUM_REPLICAS = 4
 # Per-replica batch sizes of a last partial batch: one replica gets no example at all.
@@ -316,8 +317,7 @@ def _train_step(layer, x, cot):
 
 @pytest.mark.parametrize("where", ["no_strategy", "one_replica"])
 def test_synchronized_is_unsynchronized_without_other_replicas(rng, where):
-    strategy = (tf.distribute.MirroredStrategy(["/cpu:0"]) if where == "one_replica"
-                else None)
+    strategy = runtime.mirrored_strategy(["/cpu:0"]) if where == "one_replica" else None
     synced, plain = _twin_layers(rng, strategy)
     x = tf.constant(rng.standard_normal((6, 4, 3)) * 3 + 2, tf.float32)
     cot = tf.constant(rng.standard_normal((6, 4, 3)), tf.float32)

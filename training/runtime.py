@@ -366,10 +366,24 @@ def make_strategy(runtime):
     if runtime.strategy == MULTI_WORKER:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if runtime.strategy == MIRRORED:
-        tf.distribute.MirroredStrategy._collective_key_base += (  # noqa: SLF001
-            COLLECTIVE_KEYS_PER_STRATEGY)
-        return tf.distribute.MirroredStrategy(list(runtime.devices))
+        return mirrored_strategy(runtime.devices)
     return tf.distribute.get_strategy()
+
+
+def mirrored_strategy(devices):
+    """A MirroredStrategy over `devices` with collective keys of its own (WORKAROUND above).
+
+    The keys start past those of every strategy made before, and the next strategy,
+    made here or by `tf.distribute.MirroredStrategy` directly, starts past these.
+    """
+    import tensorflow as tf
+
+    tf.distribute.MirroredStrategy._collective_key_base += (  # noqa: SLF001
+        COLLECTIVE_KEYS_PER_STRATEGY)
+    strategy = tf.distribute.MirroredStrategy(list(devices))
+    tf.distribute.MirroredStrategy._collective_key_base += (  # noqa: SLF001
+        COLLECTIVE_KEYS_PER_STRATEGY)
+    return strategy
 
 
 def task_of(strategy):
