@@ -7,17 +7,13 @@ the data, matplotlib for the figures); the tests that run it are skipped without
 
 import json
 import os
-import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from program_runs import png_size, run_python
 from training.paper import analysis, cli, config, datasets, experiments, networks, runner
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QUICK_TIMEOUT_SECONDS = 300
 
 
@@ -28,21 +24,10 @@ def needs_paper_extra():
 
 def run_program(args, data_dir, prelude="pass"):
     """Runs `python -m training.paper args` in a fresh process; returns the result."""
-    environment = dict(os.environ, KERASBN_DATA_DIR=os.fspath(data_dir),
-                       TF_CPP_MIN_LOG_LEVEL="2")
     code = (f"import runpy, sys; {prelude}; sys.argv = ['training.paper'] + {args!r}; "
             "runpy.run_module('training.paper', run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", code], cwd=REPOSITORY, env=environment,
-                          capture_output=True, text=True, timeout=QUICK_TIMEOUT_SECONDS)
-
-
-def png_size(path):
-    """(width, height) of a PNG, after checking its signature and IHDR chunk."""
-    with open(path, "rb") as file:
-        head = file.read(24)
-    assert head[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
+    return run_python(["-c", code], QUICK_TIMEOUT_SECONDS,
+                      KERASBN_DATA_DIR=os.fspath(data_dir))
 
 
 @pytest.fixture(scope="module")

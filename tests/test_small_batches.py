@@ -7,24 +7,19 @@ step and the population pass of each model under MirroredStrategy).
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from program_runs import run_python
 from training import small_batches
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_SECONDS = 900
 
 
 def run_program(args):
     """Runs `python -m training.small_batches args` in a fresh process."""
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "training.small_batches", *args],
-                          cwd=REPOSITORY, env=environment, capture_output=True, text=True,
-                          timeout=TIMEOUT_SECONDS)
+    return run_python(["-m", "training.small_batches", *args], TIMEOUT_SECONDS)
 
 
 @pytest.fixture(scope="module")

@@ -7,34 +7,18 @@ the tests that need it are skipped without it.
 
 import json
 import os
-import struct
-import subprocess
-import sys
 
 import pytest
 
+from program_runs import png_size, run_python
 from training import statistics_evidence as evidence
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TIMEOUT_SECONDS = 600
-
-
-def png_size(path):
-    """(width, height) of a PNG, after checking its signature and IHDR chunk."""
-    with open(path, "rb") as file:
-        head = file.read(24)
-    assert head[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
-    assert head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
 
 
 def run_program(args):
     """Runs `python -m training.statistics_evidence args` in a fresh process."""
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-m", "training.statistics_evidence", *args],
-                          cwd=REPOSITORY, env=environment, capture_output=True, text=True,
-                          timeout=TIMEOUT_SECONDS)
+    return run_python(["-m", "training.statistics_evidence", *args], TIMEOUT_SECONDS)
 
 
 @pytest.fixture(scope="module")
