@@ -340,7 +340,7 @@ class BatchNormalization(keras.layers.Layer):
         )
         outputs = ops.affine(self._layout.view(inputs), a, b, self._layout.shape,
                              compiled=self.jit_compile)
-        return tf.reshape(outputs, tf.shape(inputs))
+        return self._layout.unview(outputs, inputs)
 
     def _normalize_with_batch_statistics(self, inputs, mask):
         if self.virtual_batch_size is not None:
@@ -362,13 +362,13 @@ class BatchNormalization(keras.layers.Layer):
         gamma, beta = self._scaled_for_training(mean, variance)
         outputs = ops.normalize_for_training(
             x, mean, variance, gamma, beta,
-            epsilon=self.epsilon, axes=layout.axes, shape=layout.shape,
+            epsilon=self.epsilon, axes=layout.axes,
             count=count, mask=weights,
             sum_across_replicas=None if group is None else group.sum,
             compiled=self.jit_compile,
         )
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
-        return tf.reshape(outputs, tf.shape(inputs))
+        return self._layout.unview(outputs, inputs)
 
     def _scaled_for_training(self, mean, variance):
         """γ and β for the batch statistics (mean, variance), with Batch Renormalization's

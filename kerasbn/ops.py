@@ -33,8 +33,8 @@ def _compilable(fn):
     programs = {}
 
     def call(*args, compiled=False, **kwargs):
-        if not compiled:
-            return fn(*args, compiled=False, **kwargs)
+        if not compiled or _in_xla_program():
+            return fn(*args, compiled=compiled, **kwargs)
         key = _signature((args, sorted(kwargs.items())))
         program = programs.get(key)
         if program is None:
@@ -46,6 +46,16 @@ def _compilable(fn):
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
     call.body = fn  # for compiled pieces made of others: one program, not nested ones
     return call
+
+
+def _in_xla_program():
+    """True while tracing code that XLA compiles as a whole (a `tf.function` with
+    `jit_compile=True`, such as a model compiled with `jit_compile=True`): a piece
+    traced there is compiled with it, and a program of its own would only cost a
+    function trace. TensorFlow has no public way to ask."""
+    from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _signature(value):
@@ -186,19 +196,44 @@ class Layout:
 
     def view(self, x):
         """x reshaped to one axis per group."""
+        static = [_static_product(x.shape, axes) for _, axes in self.groups]
+        if static.count(None) <= 1:  # the usual case: only the batch size is unknown
+            return reshaped(x, [-1 if size is None else size for size in static])
         dims = tf.shape(x)
         return tf.reshape(x, [
             tf.reduce_prod(tf.gather(dims, axes)) if len(axes) > 1 else dims[axes[0]]
             for _, axes in self.groups
         ])
 
+    def unview(self, y, like):
+        """y, a view, back in the shape of `like` (the input it was viewed from)."""
+        dims = like.shape.as_list()
+        if dims.count(None) <= 1:
+            return reshaped(y, [-1 if size is None else size for size in dims])
+        return tf.reshape(y, tf.shape(like))
+
     def to_view_channels(self, value):
         """A per-channel tensor of the channel shape, reshaped for the view."""
-        return tf.reshape(value, self.view_channel_shape)
+        return reshaped(value, self.view_channel_shape)
 
     def to_channels(self, value):
         """A per-channel tensor of the view back in the channel shape."""
-        return tf.reshape(value, self.channel_shape)
+        return reshaped(value, self.channel_shape)
+
+
+def reshaped(x, shape):
+    """`tf.reshape(x, shape)` for a static `shape` (one -1 allowed); `x` itself when it
+    has that shape already, so that the traced graph holds no reshape that does nothing."""
+    if x.shape.rank == len(shape) and all(
+            want == -1 or have == want for have, want in zip(x.shape.as_list(), shape)):
+        return x  # the dims that are given match, so the -1 one does too
+    return tf.reshape(x, shape)
+
+
+def _static_product(shape, axes):
+    """The product of `shape`'s dims along `axes`, or None when one is unknown."""
+    dims = [shape[a] for a in axes]
+    return None if None in dims else _product(dims)
 
 
 def _product(values):
@@ -211,6 +246,18 @@ def _product(values):
 def _to_channels(tensor, axes):
     """Squeezes a keepdims reduction down to the channel shape."""
     return tf.squeeze(tensor, axis=axes) if axes else tensor
+
+
+def _against(value, x, axes):
+    """A per-channel `value` (x reduced over `axes`, without kept dims) shaped to
+    broadcast against x: as it is when every reduction axis comes before every
+    channel axis (NumPy's right-aligned broadcasting does it), else with size-1 axes
+    put back after the first channel axis."""
+    kept = [a for a in range(x.shape.rank) if a not in axes]
+    for axis in sorted(axes):
+        if axis > kept[0]:
+            value = tf.expand_dims(value, axis - kept[0])
+    return value
 
 
 @_compilable
@@ -237,6 +284,12 @@ _SHIFT_SAMPLE_SIZE = 256
 
 def _leading_sample(x, axes):
     """The first values along the first reduction axis: about 256 values per channel."""
+    per_row = _static_product(x.shape, axes[1:])
+    if per_row is not None:  # a strided slice clamps its end to the axis' length
+        rows = max(1, -(-_SHIFT_SAMPLE_SIZE // max(per_row, 1)))
+        if x.shape[axes[0]] is not None and rows >= x.shape[axes[0]]:
+            return x
+        return x[(slice(None),) * axes[0] + (slice(0, rows),)]
     dims = tf.shape(x)
     per_row = tf.reduce_prod(tf.gather(dims, axes[1:])) if len(axes) > 1 else 1
     rows = tf.minimum(dims[axes[0]], tf.maximum(1, -(-_SHIFT_SAMPLE_SIZE // per_row)))
@@ -259,7 +312,8 @@ _MIN_BLOCKED_VALUES = 1 << 20
 
 
 def _sums(terms, tensors, params, axes, compiled):
-    """Per-channel sums (keepdims) of each tensor `terms(*tensors, *params)` returns.
+    """Per-channel sums of each tensor `terms(*tensors, *params)` returns, in the
+    channel shape (the reduction without kept dims).
 
     `tensors` have the input's shape, `params` its rank and broadcast against it.
     Compiled, large inputs are summed in blocks along the first reduction axis, so that
@@ -267,8 +321,8 @@ def _sums(terms, tensors, params, axes, compiled):
     up, which is at least as accurate as one long sum. The gradient is that of the
     direct sums (a gradient penalty differentiates through here).
     """
-    def direct(*args):
-        return [tf.reduce_sum(t, axes, keepdims=True) for t in terms(*args)]
+    def direct(*args, keepdims=False):
+        return [tf.reduce_sum(t, axes, keepdims=keepdims) for t in terms(*args)]
 
     rank, size = tensors[0].shape.rank, tensors[0].shape.num_elements()
     if not compiled or rank is None or (size is not None and size < _MIN_BLOCKED_VALUES):
@@ -281,7 +335,7 @@ def _sums(terms, tensors, params, axes, compiled):
 
         def block_sums(part, start, length):
             return direct(*[blocks.rows(t, part, start, length) for t in inputs],
-                          *[blocks.rows(q, part) for q in rest])
+                          *[blocks.rows(q, part) for q in rest], keepdims=True)
 
         def add_full_blocks(part, totals):
             def body(i, *totals):
@@ -298,7 +352,7 @@ def _sums(terms, tensors, params, axes, compiled):
         length, block = blocks.geometry(inputs[0])
         tail = (length // block) * block
         tails = block_sums(None, tail, length - tail)  # every part's last, short block
-        totals = blocks.over_parts(add_full_blocks, tails)
+        totals = [_to_channels(t, axes) for t in blocks.over_parts(add_full_blocks, tails)]
 
         def grad(*upstream):
             upstream = [tf.zeros_like(t) if g is None else g for g, t in zip(upstream, totals)]
@@ -355,8 +409,8 @@ class _Blocks:
         """The block of t: its rows [start, start + length) along the axis (all of them
         when start is None), at index `part` of axis 0 unless part is None or t has one
         index there (a parameter shared by the parts)."""
-        if start is None and part is None:
-            return t
+        if (start is None and part is None) or t.shape.rank < self.rank:
+            return t  # all of it, or a parameter that broadcasts against every part
         dims = tf.shape(t, out_type=tf.int64)
         begin, sizes = [0] * self.rank, [dims[a] for a in range(self.rank)]
         if start is not None:
@@ -402,37 +456,59 @@ def shifted_moments(x, axes, mask=None, *, compiled):
     axes = list(axes)
     sample = _leading_sample(tf.cast(x, dtype), axes)
     if mask is None:
-        count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
-        sample_count = tf.cast(tf.reduce_prod(tf.gather(tf.shape(sample), axes)), dtype)
+        count = _values_per_channel(x, axes, dtype)
         # K only has to be near the mean; the moments do not depend on it, so neither
         # do their gradients.
-        shift = tf.stop_gradient(
-            tf.reduce_sum(sample, axes, keepdims=True) / tf.maximum(sample_count, 1.0))
+        shift = tf.stop_gradient(tf.reduce_sum(sample, axes)
+                                 / _at_least_one(_values_per_channel(sample, axes, dtype)))
 
         def deviation_terms(x, shift):
             deviations = tf.cast(x, dtype) - shift
             return deviations, tf.square(deviations)
 
-        sum_d, sum_d2 = _sums(deviation_terms, [x], [shift], axes, compiled)
-        count = tf.fill(tf.shape(_to_channels(shift, axes)), count)
+        sum_d, sum_d2 = _sums(deviation_terms, [x], [_against(shift, x, axes)], axes,
+                              compiled)
+        divisor = _at_least_one(count)
+        count = _filled(shift, count)
     else:
         x = tf.cast(x, dtype)
         weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
         sample_weights = _leading_sample(weights, axes)
-        shift = tf.math.divide_no_nan(
-            tf.reduce_sum(sample * sample_weights, axes, keepdims=True),
-            tf.reduce_sum(sample_weights, axes, keepdims=True),
-        )
-        deviations = x - shift
+        shift = tf.math.divide_no_nan(tf.reduce_sum(sample * sample_weights, axes),
+                                      tf.reduce_sum(sample_weights, axes))
+        deviations = x - _against(shift, x, axes)
         weighted = weights * deviations
-        sum_d = tf.reduce_sum(weighted, axes, keepdims=True)
-        sum_d2 = tf.reduce_sum(weighted * deviations, axes, keepdims=True)
-        count = _to_channels(tf.reduce_sum(weights, axes, keepdims=True), axes)
-    divisor = tf.maximum(tf.reshape(count, tf.shape(sum_d)), 1.0)
+        sum_d = tf.reduce_sum(weighted, axes)
+        sum_d2 = tf.reduce_sum(weighted * deviations, axes)
+        count = tf.reduce_sum(weights, axes)
+        divisor = tf.maximum(count, 1.0)
     offset = sum_d / divisor
     variance = tf.maximum(sum_d2 - sum_d * offset, 0.0) / divisor
-    return (count, _to_channels(shift, axes), _to_channels(offset, axes),
-            _to_channels(variance, axes))
+    return count, shift, offset, variance
+
+
+def _values_per_channel(x, axes, dtype):
+    """How many values of x each channel has: a number when x's shape tells, else a
+    scalar tensor."""
+    static = _static_product(x.shape, axes)
+    if static is not None:
+        return float(static)
+    per_row = _static_product(x.shape, axes[1:])
+    if per_row is None:
+        return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
+    return tf.cast(tf.shape(x)[axes[0]], dtype) * per_row
+
+
+def _at_least_one(count):
+    """max(count, 1), for a number or a tensor: the divisor that makes 0/0 a 0."""
+    return max(count, 1.0) if isinstance(count, float) else tf.maximum(count, 1.0)
+
+
+def _filled(like, value):
+    """A tensor of `like`'s shape and dtype, every element `value` (a number or a scalar)."""
+    if isinstance(value, float) and like.shape.is_fully_defined():
+        return tf.constant(value, like.dtype, shape=like.shape)
+    return tf.fill(tf.shape(like), tf.cast(value, like.dtype))
 
 
 def merge_moments(counts, shifts, offsets, variances):
@@ -521,12 +597,15 @@ def affine(x, a, b, shape, *, compiled):
         shape: the broadcast shape of a and b (see `broadcast_shape`).
         compiled: run as one XLA program.
     """
-    y = tf.cast(x, a.dtype) * tf.reshape(a, shape) + tf.reshape(b, shape)
+    shape = list(shape)
+    while len(shape) > 1 and shape[0] == 1:  # NumPy's broadcasting adds leading 1s
+        shape.pop(0)
+    y = tf.cast(x, a.dtype) * reshaped(a, shape) + reshaped(b, shape)
     return tf.cast(y, x.dtype)
 
 
 def normalize_for_training(
-    x, mean, variance, gamma, beta, *, epsilon, axes, shape, count,
+    x, mean, variance, gamma, beta, *, epsilon, axes, count,
     mask=None, sum_across_replicas=None, compiled=False,
 ):
     """y = γ·(x - mean)/sqrt(var + ε) + β with the batch's own statistics.
@@ -551,7 +630,6 @@ def normalize_for_training(
         gamma, beta: scale and offset of the channel shape, statistics dtype.
         epsilon: the variance floor ε.
         axes: the reduction axes.
-        shape: the broadcast shape of per-channel tensors.
         count: number of values behind the statistics (m), channel shape.
         mask: optional 0/1 weights broadcastable to `x`.
         sum_across_replicas: optional callable summing a tensor of shape
@@ -565,20 +643,21 @@ def normalize_for_training(
     inv_std = tf.math.rsqrt(variance + epsilon)
     weights = None if mask is None else tf.cast(mask, mean.dtype)
     axes = tuple(axes)
-    shape = tuple(shape)
+    # Shaped to broadcast once: the forward and backward programs take them as they are.
+    mean, inv_std = _against(mean, x, axes), _against(inv_std, x, axes)
 
     @tf.custom_gradient
     def _normalize(x, mean, inv_std, gamma, beta):
-        y = _normalize_forward(x, mean, inv_std, gamma, beta, shape, compiled=compiled)
+        y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
 
         def grad(dy):
             if sum_across_replicas is None:
                 sums, dx = _backward(x, dy, mean, inv_std, gamma, count, weights, axes,
-                                     shape, compiled=compiled)
+                                     compiled=compiled)
             else:
-                sums = _backward_sums(x, dy, mean, inv_std, axes, shape, compiled=compiled)
-                mean_sums = sum_across_replicas(sums) / tf.maximum(count, 1.0)
-                dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape,
+                sums = _backward_sums(x, dy, mean, inv_std, axes, compiled=compiled)
+                mean_sums = sum_across_replicas(sums) / _at_least_one(count)
+                dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
                                   compiled=compiled)
             return dx, None, None, sums[1], sums[0]
 
@@ -593,42 +672,42 @@ def _normalized(x, mean, inv_std):
 
 
 @_compilable
-def _normalize_forward(x, mean, inv_std, gamma, beta, shape, *, compiled):
-    """y = (x - mean)·(γ·inv_std) + β, returned in x's dtype."""
-    scale = tf.reshape(gamma * inv_std, shape)
-    y = (tf.cast(x, mean.dtype) - tf.reshape(mean, shape)) * scale + tf.reshape(beta, shape)
+def _normalize_forward(x, mean, inv_std, gamma, beta, axes, *, compiled):
+    """y = (x - mean)·(γ·inv_std) + β, returned in x's dtype; mean and inv_std shaped
+    to broadcast against x, γ and β per channel."""
+    scale = _against(gamma, x, axes) * inv_std
+    y = (tf.cast(x, mean.dtype) - mean) * scale + _against(beta, x, axes)
     return tf.cast(y, x.dtype)
 
 
 @_compilable
-def _backward_sums(x, dy, mean, inv_std, axes, shape, *, compiled):
+def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
     """[Σ dy, Σ dy·x̂] per channel, stacked: the only reductions of the backward pass."""
     def terms(x, dy, mean, inv_std):
         dy = tf.cast(dy, mean.dtype)
         return dy, dy * _normalized(x, mean, inv_std)
 
-    params = [tf.reshape(mean, shape), tf.reshape(inv_std, shape)]
-    sums = _sums(terms, [x, dy], params, axes, compiled)
-    return tf.stack([_to_channels(total, axes) for total in sums])
+    return tf.stack(_sums(terms, [x, dy], [mean, inv_std], axes, compiled))
 
 
 @_compilable
-def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, shape, *, compiled):
+def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compiled):
     """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m."""
-    x_hat = _normalized(x, tf.reshape(mean, shape), tf.reshape(inv_std, shape))
-    correction = tf.reshape(mean_sums[0], shape) + x_hat * tf.reshape(mean_sums[1], shape)
+    x_hat = _normalized(x, mean, inv_std)
+    mean_dy, mean_dy_x_hat = (_against(s, x, axes) for s in tf.unstack(mean_sums))
+    correction = mean_dy + x_hat * mean_dy_x_hat
     if weights is not None:
         correction = weights * correction
-    dx = tf.reshape(gamma * inv_std, shape) * (tf.cast(dy, mean.dtype) - correction)
+    dx = _against(gamma, x, axes) * inv_std * (tf.cast(dy, mean.dtype) - correction)
     return tf.cast(dx, x.dtype)
 
 
 @_compilable
-def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, shape, *, compiled):
+def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
     """The sums and dx of one replica's backward pass, as one program when compiled."""
-    sums = _backward_sums.body(x, dy, mean, inv_std, axes, shape, compiled=compiled)
-    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, sums / tf.maximum(count, 1.0),
-                           weights, shape, compiled=compiled)
+    sums = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=compiled)
+    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, sums / _at_least_one(count),
+                           weights, axes, compiled=compiled)
     return sums, dx
 
 
@@ -664,4 +743,5 @@ def moving_average(average, value, momentum):
 
 def all_finite(*tensors):
     """A scalar bool: True when no element of any tensor is NaN or infinite."""
-    return tf.reduce_all([tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
+    return functools.reduce(tf.logical_and,
+                            [tf.reduce_all(tf.math.is_finite(t)) for t in tensors])

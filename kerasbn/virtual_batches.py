@@ -75,7 +75,7 @@ def _normalize_groups(x, weights, group_size, channel_axes, scale_and_offset, ep
                    for t in scale_and_offset(mean, variance))
     outputs = ops.normalize_for_training(
         grouped, mean, variance, gamma, beta,
-        epsilon=epsilon, axes=layout.axes, shape=layout.shape,
+        epsilon=epsilon, axes=layout.axes,
         count=count, mask=weights, compiled=compiled,
     )
     return tf.reshape(outputs, dims), shifted

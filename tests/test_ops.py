@@ -148,7 +148,7 @@ def _train_forward(x, channel_axes, gamma, beta, epsilon, mask=None, compiled=Fa
     axes, _, shape = _setup(x.shape, channel_axes)
     count, mean, var = ops.moments(x, axes, mask, compiled=compiled)
     return ops.normalize_for_training(
-        x, mean, var, gamma, beta, epsilon=epsilon, axes=axes, shape=shape,
+        x, mean, var, gamma, beta, epsilon=epsilon, axes=axes,
         count=count, mask=mask, compiled=compiled,
     )
 
