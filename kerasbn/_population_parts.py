@@ -322,8 +322,7 @@ def local_moments(layer, inputs, mask):
     weights = None
     if mask is not None:
         weights = layout.view(ops.mask_weights(mask, inputs, dtype))
-    compiled = isinstance(layer, BatchNormalization) and bool(getattr(layer, "jit_compile",
-                                                                      False))
+    compiled = isinstance(layer, BatchNormalization) and layer._compiles(inputs.shape)
     moments = ops.shifted_moments(layout.view(inputs), layout.axes, weights,
                                   compiled=compiled)
     return [tf.cast(layout.to_channels(t), tf.float64) for t in moments]

@@ -78,10 +78,15 @@ class BatchNormalization(keras.layers.Layer):
             statistics. Off by default, as in Keras. With `momentum=1.0` the moving
             statistics are the cumulative average of every batch (PyTorch's
             `momentum=None`).
-        jit_compile: compile the layer's math (moments, normalization, each part of
-            the backward pass) with XLA. These programs touch no variable and no
+        jit_compile: run the layer's math (moments, normalization, each part of the
+            backward pass) as XLA programs of its own: True, False, or "auto" (the
+            default) for inputs of 1,048,576 values or more, where they repay
+            their compile time within a few hundred steps (an unknown batch size
+            counted as 32, Keras's default; see `ops.worth_compiling`). These programs touch no variable and no
             collective, so they compile under every strategy, on CPUs too, where
-            TensorFlow refuses to compile a whole multi-replica step.
+            TensorFlow refuses to compile a whole multi-replica step. Inside a step
+            that XLA compiles as a whole (`model.compile(jit_compile=True)`), the math
+            is part of that program whatever this says.
         fused: accepted for configs written by tf-keras, and ignored: kerasbn picks its
             own kernels.
         adjustment: accepted only as None (tf-keras configs carry it); a callable is
@@ -110,7 +115,7 @@ class BatchNormalization(keras.layers.Layer):
         renorm=False, renorm_clipping=None, renorm_momentum=0.99,
         # Keras's arguments above, kerasbn's below, then tf-keras's (see Args).
         bessel_correction=False, sync_group_size=None, momentum_warmup=False,
-        virtual_batch_size=None, jit_compile=True, fused=None, adjustment=None, **kwargs,
+        virtual_batch_size=None, jit_compile="auto", fused=None, adjustment=None, **kwargs,
     ):
         super().__init__(**kwargs)
         self._refuse_adjustment(adjustment)
@@ -136,7 +141,7 @@ class BatchNormalization(keras.layers.Layer):
         self.sync_group_size = self._validated_sync_group_size(sync_group_size)
         self.momentum_warmup = bool(momentum_warmup)
         self.virtual_batch_size = self._validated_virtual_batch_size(virtual_batch_size)
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile = self._validated_jit_compile(jit_compile)
         self.gamma = None
         self.beta = None
         self.moving_mean = None
@@ -189,6 +194,11 @@ class BatchNormalization(keras.layers.Layer):
         if dmax is not None and dmax < 0:
             raise self._argument_error("renorm_clipping", clipping, "dmax >= 0")
         return clipping
+
+    def _validated_jit_compile(self, jit_compile):
+        if isinstance(jit_compile, bool) or jit_compile == "auto":
+            return jit_compile
+        raise self._argument_error("jit_compile", jit_compile, 'True, False or "auto"')
 
     def _validated_virtual_batch_size(self, size):
         if size is None:
@@ -302,9 +312,16 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         self._check_inputs(inputs)
+        compiled = self._compiles(inputs.shape)
         if training and self.trainable:
-            return self._normalize_with_batch_statistics(inputs, mask)
-        return self._normalize_with_moving_statistics(inputs)
+            return self._normalize_with_batch_statistics(inputs, mask, compiled)
+        return self._normalize_with_moving_statistics(inputs, compiled)
+
+    def _compiles(self, input_shape):
+        """Whether the math runs as XLA programs of its own for inputs of this shape."""
+        if self.jit_compile == "auto":
+            return ops.worth_compiling(input_shape)
+        return self.jit_compile
 
     def _check_inputs(self, inputs):
         dtype = tf.as_dtype(inputs.dtype)
@@ -331,7 +348,7 @@ class BatchNormalization(keras.layers.Layer):
         beta = self._in_view(self.beta, dtype) if self.center else tf.zeros(shape, dtype)
         return gamma, beta
 
-    def _normalize_with_moving_statistics(self, inputs):
+    def _normalize_with_moving_statistics(self, inputs, compiled):
         dtype = ops.statistics_dtype(inputs.dtype)
         gamma, beta = self._scale_and_offset(dtype)
         a, b = ops.inference_coefficients(
@@ -339,12 +356,13 @@ class BatchNormalization(keras.layers.Layer):
             self._in_view(self.moving_variance, dtype), gamma, beta, self.epsilon,
         )
         outputs = ops.affine(self._layout.view(inputs), a, b, self._layout.shape,
-                             compiled=self.jit_compile)
+                             compiled=compiled)
         return self._layout.unview(outputs, inputs)
 
-    def _normalize_with_batch_statistics(self, inputs, mask):
+    def _normalize_with_batch_statistics(self, inputs, mask, compiled):
         if self.virtual_batch_size is not None:
-            return self._normalize_in_virtual_batches(inputs, self._mask_weights(mask, inputs))
+            return self._normalize_in_virtual_batches(
+                inputs, self._mask_weights(mask, inputs), compiled)
         layout = self._layout
         x = layout.view(inputs)
         weights = self._mask_weights(mask, inputs)
@@ -353,11 +371,11 @@ class BatchNormalization(keras.layers.Layer):
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
         if group is None:
             count, mean, variance = ops.moments(
-                x, layout.axes, weights, compiled=self.jit_compile
+                x, layout.axes, weights, compiled=compiled
             )
         else:
             count, mean, variance = group.merge_moments(
-                *ops.shifted_moments(x, layout.axes, weights, compiled=self.jit_compile)
+                *ops.shifted_moments(x, layout.axes, weights, compiled=compiled)
             )
         gamma, beta = self._scaled_for_training(mean, variance)
         outputs = ops.normalize_for_training(
@@ -365,7 +383,7 @@ class BatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon, axes=layout.axes,
             count=count, mask=weights,
             sum_across_replicas=None if group is None else group.sum,
-            compiled=self.jit_compile,
+            compiled=compiled,
         )
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
         return self._layout.unview(outputs, inputs)
@@ -382,13 +400,13 @@ class BatchNormalization(keras.layers.Layer):
             epsilon=self.epsilon, **self.renorm_clipping)
         return gamma * r, gamma * d + beta
 
-    def _normalize_in_virtual_batches(self, inputs, weights):
+    def _normalize_in_virtual_batches(self, inputs, weights, compiled):
         """Ghost batch norm: see `virtual_batches.normalize`. The moving statistics move
         toward the whole batch's, merged exactly from the groups (and across replicas
         when synchronized)."""
         outputs, batch = virtual_batches.normalize(
             inputs, weights, self.virtual_batch_size, self._channel_axes,
-            self._scaled_for_training, epsilon=self.epsilon, compiled=self.jit_compile)
+            self._scaled_for_training, epsilon=self.epsilon, compiled=compiled)
         group = distribute.replica_group(self.sync_group_size) if self.synchronized else None
         if group is None:
             count, mean, variance = batch[0], batch[1] + batch[2], batch[3]

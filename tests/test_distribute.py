@@ -132,7 +132,8 @@ def test_forward_backward_and_moving_statistics_are_those_of_the_global_batch(
     x = (3.0 + 2.0 * rng.standard_normal(full)).astype(np.float32)
     cot = rng.standard_normal(full).astype(np.float32)
     with strategy.scope():
-        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.5, synchronized=True)
+        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.5, synchronized=True,
+                                           jit_compile=True)
         layer.build((None,) + shape)
         _randomize(layer, rng)
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
@@ -145,9 +146,11 @@ def test_forward_backward_and_moving_statistics_are_those_of_the_global_batch(
     _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
 
 
+@pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "ops"])
 @pytest.mark.parametrize("shape,axis", [((6, 4), -1), ((4, 6), 1)],
                          ids=["channels_last", "channels_first"])
-def test_statistics_exact_at_mean_over_std_1e4(mirrored_strategy, rng, shape, axis):
+def test_statistics_exact_at_mean_over_std_1e4(mirrored_strategy, rng, shape, axis,
+                                               jit_compile):
     """Relative variance error <= 1e-5 where E[x²] - E[x]² would lose everything."""
     strategy = mirrored_strategy
     sizes = [7, 4, 0, 9]
@@ -157,7 +160,8 @@ def test_statistics_exact_at_mean_over_std_1e4(mirrored_strategy, rng, shape, ax
     # Every replica's data around 1e4, the replicas' means apart by a few std.
     x = (1e4 + rng.standard_normal(full)).astype(np.float32)
     with strategy.scope():
-        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.0, synchronized=True)
+        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.0, synchronized=True,
+                                           jit_compile=jit_compile)
         layer.build((None,) + shape)
     results = _replica_step(strategy, layer, _split(x, sizes),
                             _split(np.ones(full, np.float32), sizes))
@@ -190,7 +194,8 @@ def test_masked_values_stay_out_of_the_global_statistics(mirrored_strategy, rng,
     cot = rng.standard_normal(full).astype(np.float32)
     mask = grids.random_mask(rng, full, kind)
     with strategy.scope():
-        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.5, synchronized=True)
+        layer = kerasbn.BatchNormalization(axis=axis, momentum=0.5, synchronized=True,
+                                           jit_compile=True)
         layer.build((None,) + shape)
         _randomize(layer, rng)
     gamma, beta = layer.gamma.numpy(), layer.beta.numpy()

@@ -10,6 +10,7 @@ import tensorflow as tf
 import grids
 import kerasbn
 import reference
+from kerasbn import ops
 from layer_contract import run_layer_contract
 
 LAYOUTS = grids.LAYOUTS
@@ -42,6 +43,8 @@ CONTRACT_CONFIGS = [
     ({"momentum_warmup": True, "axis": 1}, (3, 4)),
     ({"momentum": 1.0}, (4,)),
     ({"jit_compile": False}, (4, 4, 3)),
+    ({"jit_compile": True}, (4, 4, 3)),
+    ({"jit_compile": True, "axis": [1, 3]}, (3, 4, 2)),
     ({"axis": 1}, (3, 4, 4)),
     ({"axis": [1, 3]}, (3, 4, 2)),
     ({"axis": [2, 3]}, (3, 4, 2)),
@@ -415,6 +418,51 @@ def test_eager_calls_on_new_shapes_log_no_retracing_warning(rng, tensorflow_log)
     assert not [m for m in tensorflow_log if "retracing" in m]
 
 
+# ------------------------------------------------------------------ its own XLA programs
+
+
+def _xla_programs(layer, shape, jit_compile_step=False):
+    """The layer's own XLA programs in a traced training step on inputs of `shape`
+    (None: an unknown batch size)."""
+    @tf.function(jit_compile=jit_compile_step)
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x)
+
+    graph = step.get_concrete_function(tf.TensorSpec(shape)).graph
+    return [op for op in graph.get_operations()
+            if op.type in ("PartitionedCall", "StatefulPartitionedCall")
+            and "_XlaMustCompile" in op.node_def.attr and op.get_attr("_XlaMustCompile")]
+
+
+@pytest.mark.parametrize("shape,compiled", [
+    ((256, 1024), False),            # 262,144 values: plain ops
+    ((64, 16, 16, 64), True),        # 1,048,576: programs of its own
+    ((None, 16, 16, 128), True),     # an unknown batch counts as 32
+    ((None, 16, 16, 64), False),
+    ((1024, 1024), True),
+])
+def test_auto_compiles_the_math_from_1048576_values(shape, compiled):
+    layer = kerasbn.BatchNormalization()
+    assert layer.jit_compile == "auto"
+    assert bool(_xla_programs(layer, shape)) == compiled
+    assert ops.worth_compiling(tf.TensorShape(shape)) == compiled
+
+
+@pytest.mark.parametrize("jit_compile", [True, False])
+def test_true_and_false_compile_the_math_or_not_whatever_the_size(jit_compile):
+    for shape in [(4, 3), (32, 8, 8, 64)]:
+        layer = kerasbn.BatchNormalization(jit_compile=jit_compile)
+        assert bool(_xla_programs(layer, shape)) == jit_compile
+
+
+def test_inside_a_step_compiled_as_a_whole_the_math_is_part_of_that_program():
+    layer = kerasbn.BatchNormalization(jit_compile=True)
+    assert not _xla_programs(layer, (32, 8, 8, 64), jit_compile_step=True)
+
+
 # ------------------------------------------------------------------ numerics
 
 
@@ -456,6 +504,8 @@ def test_low_precision_inputs_keep_their_dtype(rng, dtype):
     ({"renorm": True, "renorm_clipping": {"r_max": 2.0}}, "renorm_clipping"),
     ({"sync_group_size": 2}, "sync_group_size"),
     ({"synchronized": True, "sync_group_size": 0}, "sync_group_size"),
+    ({"jit_compile": "always"}, "jit_compile"),
+    ({"jit_compile": 1}, "jit_compile"),
 ])
 def test_bad_arguments_name_the_argument_value_and_what_is_allowed(kwargs, argument):
     with pytest.raises(ValueError) as error:

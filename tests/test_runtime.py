@@ -25,12 +25,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("strategy, on_gpu, auto_clustering, expected", [
     # (strategy, GPUs, auto-clustering in force) -> (step, layers, auto-clustering)
-    (runtime.DEFAULT, False, False, (True, True, False)),
-    (runtime.DEFAULT, True, False, (True, True, False)),
-    (runtime.MIRRORED, True, False, (True, True, False)),
-    (runtime.MULTI_WORKER, True, False, (True, True, False)),
-    (runtime.MIRRORED, False, True, (False, True, True)),
-    (runtime.MULTI_WORKER, False, True, (False, True, True)),
+    (runtime.DEFAULT, False, False, (True, "auto", False)),
+    (runtime.DEFAULT, True, False, (True, "auto", False)),
+    (runtime.MIRRORED, True, False, (True, "auto", False)),
+    (runtime.MULTI_WORKER, True, False, (True, "auto", False)),
+    (runtime.MIRRORED, False, True, (False, "auto", True)),
+    (runtime.MULTI_WORKER, False, True, (False, "auto", True)),
 ])
 def test_xla_takes_the_largest_compilation_each_configuration_allows(
         strategy, on_gpu, auto_clustering, expected):
@@ -75,7 +75,7 @@ def test_a_refused_whole_step_falls_back_to_the_layers_programs(auto_clustering)
     fallback = runtime.whole_step_fallback(tried, error)
     assert (fallback.step_jit_compile, fallback.layer_jit_compile,
             fallback.auto_clustering, fallback.evaluation_jit_compile) == (
-        False, True, auto_clustering, True)
+        False, "auto", auto_clustering, True)
     assert "InvalidArgumentError: Trying to access resource x)" in fallback.description
     assert ("with XLA auto-clustering" in fallback.description) == auto_clustering
     assert "\n" not in fallback.description

@@ -639,7 +639,7 @@ def test_a_refused_whole_step_falls_back_in_one_line(processes):
     assert "xla: 4 CPU replicas: the whole training step is compiled" in process.stdout
     refused = [line for line in lines if line.startswith("xla: TensorFlow refused")]
     assert len(refused) == 1, lines[:30]
-    assert "fell back to each kerasbn layer's math as XLA programs" in refused[0]
+    assert "fell back to the kerasbn layers' own XLA programs" in refused[0]
     assert "Traceback" not in process.stderr
     assert final_line(process.stdout).statistics == "population"
 

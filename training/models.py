@@ -35,7 +35,7 @@ MLP_UNITS = (100, 100, 100)
 
 
 def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
-                bn_momentum=0.99, bn_jit_compile=True, **bn_options):
+                bn_momentum=0.99, bn_jit_compile="auto", **bn_options):
     """Builds one of the models (see the module docstring).
 
     Args:
@@ -90,7 +90,7 @@ def build_model(name, input_shape, num_classes, bn, synchronized=False, *,
         raise ValueError("build_model: argument `num_classes` must be an int >= 2; "
                          f"received num_classes={num_classes!r}.")
     _check_bn_options(bn, bn_options)
-    norm = _batch_norm_factory(bn, bool(synchronized), bn_momentum, bool(bn_jit_compile),
+    norm = _batch_norm_factory(bn, bool(synchronized), bn_momentum, bn_jit_compile,
                                bn_options)
     builder = _resnet if name == "resnet" else _mlp
     inputs = keras.Input(tuple(int(d) for d in input_shape), name="images")

@@ -46,7 +46,9 @@ class XlaPlan:
         requested: whether XLA was asked for (--xla).
         step_jit_compile: `model.compile(jit_compile=...)` of the training step.
         layer_jit_compile: the kerasbn layers' `jit_compile` (their math as XLA
-            programs of their own).
+            programs of their own): False, or "auto" (from 1M values an input, see
+            `kerasbn.ops.worth_compiling`; inside a whole compiled step the math is
+            part of that program).
         auto_clustering: whether XLA auto-clustering (TF_XLA_FLAGS) is in force in
             this process.
         evaluation_jit_compile: `model.compile(jit_compile=...)` of an evaluation on
@@ -56,7 +58,7 @@ class XlaPlan:
 
     requested: bool
     step_jit_compile: bool
-    layer_jit_compile: bool
+    layer_jit_compile: object  # False or "auto"
     auto_clustering: bool
     evaluation_jit_compile: bool
     description: str
@@ -64,7 +66,7 @@ class XlaPlan:
     @property
     def compiles(self):
         """Whether XLA compiles any part of the training step."""
-        return self.step_jit_compile or self.layer_jit_compile or self.auto_clustering
+        return bool(self.step_jit_compile or self.layer_jit_compile or self.auto_clustering)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +190,7 @@ def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering,
                 "in one XLA program per replica)")
         if auto_clustering:
             text += "; XLA auto-clustering is on as well (TF_XLA_FLAGS)"
-        return XlaPlan(True, True, True, auto_clustering, True, text)
+        return XlaPlan(True, True, "auto", auto_clustering, True, text)
     if not auto_clustering:
         raise ConfigurationError(
             "--xla with several CPU replicas or workers needs XLA auto-clustering, "
@@ -205,9 +207,10 @@ def plan_xla(requested, strategy, replicas, *, on_gpu, auto_clustering,
             "clusters around the cross-replica ops"
             + (" (the collectives stay outside: XLA has no CPU kernel for them)"
                if strategy == MULTI_WORKER else "")
-            + ", and each kerasbn layer runs its math as XLA programs "
-              "(model.compile(jit_compile=False))")
-    return XlaPlan(True, False, True, True, True, text)
+            + ", and the kerasbn layers run their math as XLA programs of their own "
+              "from 1M values an input (model.compile(jit_compile=False), layers' "
+              "jit_compile=\"auto\")")
+    return XlaPlan(True, False, "auto", True, True, text)
 
 
 def whole_step_fallback(plan, error):
@@ -228,11 +231,11 @@ def whole_step_fallback(plan, error):
     """
     reason = f"{type(error).__name__}: {first_error_line(error, limit=200)}"
     return dataclasses.replace(
-        plan, step_jit_compile=False, layer_jit_compile=True,
+        plan, step_jit_compile=False, layer_jit_compile="auto",
         description=(
             f"TensorFlow refused the whole compiled step on several replicas ({reason}); "
-            "fell back to each kerasbn layer's math as XLA programs "
-            "(model.compile(jit_compile=False))"
+            "fell back to the kerasbn layers' own XLA programs (from 1M values an "
+            "input) (model.compile(jit_compile=False))"
             + (" with XLA auto-clustering" if plan.auto_clustering else "")))
 
 
