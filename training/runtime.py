@@ -125,7 +125,7 @@ def configure_runtime(*, replicas=1, multi_worker=False, xla=True, try_whole_ste
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     several = multi_worker or replicas > 1
-    wanted = xla and several and not _gpus_expected()
+    wanted = xla and several and not gpus_expected()
     # XLA reads TF_XLA_FLAGS once, when TensorFlow first looks at its devices.
     if tensorflow_started():
         in_force = _auto_clustering_flags_set()
@@ -239,7 +239,7 @@ def whole_step_fallback(plan, error):
             + (" with XLA auto-clustering" if plan.auto_clustering else "")))
 
 
-def _gpus_expected():
+def gpus_expected():
     """Whether this machine seems to have a usable GPU, found without starting TensorFlow.
 
     Asking TensorFlow would initialize it, after which XLA's auto-clustering flags can no
