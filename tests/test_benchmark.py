@@ -159,11 +159,13 @@ def test_targets_on_fixed_numbers():
               {"kerasbn": 4.0, "kerasbn XLA": 5.0, "keras": 9.0, "keras XLA": 5.0,
                "tf_keras": 6.0, "torch NCHW": 3.0, "torch channels-last": 2.0}, ours),
         group("layer", {"shape_name": "NHWC", "mode": "inference"},
-              {"kerasbn": 1.0, "keras": 9.0}, ours),
+              {"kerasbn": 1.0, "kerasbn XLA": 0.5, "keras": 9.0, "keras XLA": 2.0}, ours),
         group("layer", {"shape_name": "NCHW", "mode": "training"},
               {"kerasbn": 1.0, "keras": 9.0}, ours),
         group("layer", {"shape_name": "dense", "mode": "training"},  # no PyTorch
               {"kerasbn": 3.0, "kerasbn XLA": 6.0, "keras": 2.0}, ours),
+        group("layer", {"shape_name": "dense-small", "shape": [64, 256], "mode": "training"},
+              {"kerasbn": 1.3, "keras": 1.5, "keras XLA": 1.25, "copy (tf)": 1.0}, ours),
         group("bandwidth", {}, {"kerasbn": 1.0}),
         group("sync", {}, {"kerasbn sync": 11.5, "kerasbn": 10.0, "keras sync": 11.5,
                            "keras": 9.0}),
@@ -175,8 +177,16 @@ def test_targets_on_fixed_numbers():
     assert found == [
         ("layer training NHWC: kerasbn / fastest TensorFlow", pytest.approx(0.8), 0.8, True),
         ("layer training NHWC: kerasbn / fastest PyTorch", pytest.approx(2.0), 1.0, False),
+        # The layer as it comes, not compiled whole, against Keras compiled whole.
+        ("layer inference NHWC: kerasbn as it comes / keras XLA", pytest.approx(0.5), 1.0,
+         True),
         ("layer training dense: kerasbn / fastest TensorFlow", pytest.approx(1.5), 0.8,
          False),
+        ("layer training dense 64x256: kerasbn / fastest TensorFlow", pytest.approx(1.04),
+         0.8, False),
+        # 1.2 x 1.0 ms of floor + the 0.25 ms Keras XLA spends above it.
+        ("layer training dense 64x256: kerasbn / (1.2 x TF floor + fastest TensorFlow "
+         "above it)", pytest.approx(1.3 / 1.45), 1.0, True),
         ("sync: kerasbn synchronized / unsynchronized", pytest.approx(1.15), 1.15, True),
         # The one strict target: equal is not faster.
         ("sync: kerasbn synchronized / Keras synchronized", pytest.approx(1.0), 1.0, False),
@@ -434,7 +444,8 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
 
 # ------------------------------------------------------------------ the quick run
 
-LAYER_CONTENDERS = ["kerasbn", "kerasbn XLA", "kerasbn jit_compile=False", "keras",
+LAYER_CONTENDERS = ["kerasbn", "kerasbn XLA", "kerasbn jit_compile=True",
+                    "kerasbn jit_compile=False", "keras",
                     "keras XLA"]
 SYNC_CONTENDERS = ["kerasbn sync", "kerasbn", "keras sync", "keras"]
 EXPORT_CONTENDERS = ["kerasbn export folded", "keras export"]
@@ -492,7 +503,8 @@ def test_quick_run_writes_and_prints_what_it_measured(quick_run):
     else:
         assert "chart" in {s["section"] for s in document["skipped"]}
     assert {t["target"].split(":")[0] for t in document["targets"]} >= {
-        "layer training NHWC", "sync", "resnet step", "export batch 1",
+        "layer training NHWC 16x16x16x32", "layer inference dense 64x256", "sync",
+        "resnet step", "export batch 1",
         "statistics ResNet 8x8x1, 3 batches of 16",
         "first step resnet, 1 device, jit_compile=False"}
 

@@ -120,7 +120,7 @@ class Config:
 
 FULL = Config(
     layer_cases=(LayerCase("NHWC", (64, 32, 32, 64), -1), LayerCase("dense", (256, 1024), -1),
-                 LayerCase("NCHW", (64, 64, 32, 32), 1)),
+                 LayerCase("dense-small", (64, 256), -1), LayerCase("NCHW", (64, 64, 32, 32), 1)),
     layer_reps=60, sync_reps=80, resnet_reps=30, export_reps=100, warmup=3,
     sync_batch=128, sync_image=(32, 32, 16), sync_blocks=2,
     resnet_batch=64, resnet_image=(32, 32, 3), resnet_xla=True,

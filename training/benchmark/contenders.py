@@ -125,8 +125,9 @@ def torch_contenders(x_np, dy_np, axis, training):
 def layer_contenders(x_np, dy_np, axis, training):
     """Every contender of the layer section for one input and mode.
 
-    kerasbn as it comes, compiled whole, and with jit_compile=False; Keras 3 with
-    and without XLA; tf_keras and PyTorch when they are installed.
+    kerasbn as it comes (jit_compile="auto"), compiled whole, and with jit_compile
+    True and False; Keras 3 with and without XLA; tf_keras and PyTorch when they are
+    installed.
     """
     x, dy = tf.constant(x_np), tf.constant(dy_np)
     options = {"axis": axis, "epsilon": EPSILON, "momentum": MOMENTUM}
@@ -138,6 +139,8 @@ def layer_contenders(x_np, dy_np, axis, training):
         Contender("kerasbn", OURS, tf_layer(lambda: kerasbn.BatchNormalization(**options))),
         Contender("kerasbn XLA", OURS,
                   tf_layer(lambda: kerasbn.BatchNormalization(**options), xla=True)),
+        Contender("kerasbn jit_compile=True", OURS, tf_layer(
+            lambda: kerasbn.BatchNormalization(jit_compile=True, **options))),
         Contender("kerasbn jit_compile=False", OURS, tf_layer(
             lambda: kerasbn.BatchNormalization(jit_compile=False, **options))),
         Contender("keras", THEIRS, tf_layer(lambda: keras.layers.BatchNormalization(**options))),

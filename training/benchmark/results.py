@@ -36,17 +36,32 @@ def check(target, ours, theirs, limit, strictly=False):
 
 def layer_targets(group):
     """Training step, NHWC and dense: kerasbn's fastest variant against the fastest
-    TensorFlow contender (<= 0.8) and the fastest PyTorch one (<= 1.0)."""
+    TensorFlow contender (<= 0.8) and the fastest PyTorch one (<= 1.0); dense, where
+    TensorFlow's per-call floor (the copy of x in a `tf.function`) is timed too: at most
+    1.2 times that floor plus the fastest TensorFlow contender's time above it.
+    Inference, NHWC and dense: the layer as it comes (no whole-step XLA) against
+    Keras's layer compiled whole (<= 1.0)."""
     params, names = group["params"], group["contenders"]
-    if params["mode"] != "training" or params["shape_name"] not in ("NHWC", "dense"):
+    kind = params["shape_name"].split("-")[0]
+    if kind not in ("NHWC", "dense"):
         return []
+    case = f"{kind} {'x'.join(map(str, params['shape']))}" if "shape" in params else kind
+    if params["mode"] == "inference":
+        return [check(f"layer inference {case}: kerasbn as it comes / keras XLA",
+                      fastest(group, ["kerasbn"]), fastest(group, ["keras XLA"]), 1.0)]
     ours = fastest(group, [n for n in names if names[n]["role"] == OURS])
+    tensorflow = fastest(group, ["keras", "keras XLA", "tf_keras"])
     torch_names = [n for n in names if n.startswith("torch")]
-    shape = params["shape_name"]
-    return [check(f"layer training {shape}: kerasbn / fastest TensorFlow",
-                  ours, fastest(group, ["keras", "keras XLA", "tf_keras"]), 0.8),
-            check(f"layer training {shape}: kerasbn / fastest PyTorch",
-                  ours, fastest(group, torch_names), 1.0)]
+    checks = [check(f"layer training {case}: kerasbn / fastest TensorFlow",
+                    ours, tensorflow, 0.8),
+              check(f"layer training {case}: kerasbn / fastest PyTorch",
+                    ours, fastest(group, torch_names), 1.0)]
+    floor = fastest(group, ["copy (tf)"])
+    if kind == "dense" and floor is not None and tensorflow is not None:
+        checks.append(check(
+            f"layer training {case}: kerasbn / (1.2 x TF floor + fastest TensorFlow "
+            "above it)", ours, 1.2 * floor + (tensorflow - floor), 1.0))
+    return checks
 
 
 def sync_targets(group):
