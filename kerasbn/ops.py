@@ -65,9 +65,10 @@ def worth_compiling(shape):
     programs of its own: from `COMPILE_FROM_VALUES` (1,048,576) values, where they
     repay their compile time within the first few hundred steps. An unknown batch size
     counts as Keras's default batch of 32: a model traced by `fit` rarely knows it.
+    When another dim is unknown the answer is True.
 
     Args:
-        shape: a `tf.TensorShape` whose non-batch dims are known.
+        shape: the input's shape (a `tf.TensorShape` or a list).
 
     Returns:
         A bool.

@@ -30,8 +30,8 @@ How a pass runs:
 
 The pass's step runs outside XLA auto-clustering (`jit_scope(compile_ops=False)`):
 a pass runs once, so compiling its clusters costs far more than it saves (on 4 CPU
-replicas, most of the pass), and the layers' own XLA programs (`jit_compile=True`)
-are the ones training compiled already.
+replicas, most of the pass), and the layers' own XLA programs (`jit_compile`) are
+the ones training compiled already.
 
 Renorm layers (`renorm=True`) keep their statistics unless asked
 (`recompute_renorm=True`): in training, Batch Renormalization's r and d make a layer
