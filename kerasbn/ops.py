@@ -231,7 +231,7 @@ class Layout:
         """x reshaped to one axis per group."""
         static = [_static_product(x.shape, axes) for _, axes in self.groups]
         if static.count(None) <= 1:  # the usual case: only the batch size is unknown
-            return reshaped(x, [-1 if size is None else size for size in static])
+            return _reshaped(x, [-1 if size is None else size for size in static])
         dims = tf.shape(x)
         return tf.reshape(x, [
             tf.reduce_prod(tf.gather(dims, axes)) if len(axes) > 1 else dims[axes[0]]
@@ -242,19 +242,19 @@ class Layout:
         """y, a view, back in the shape of `like` (the input it was viewed from)."""
         dims = like.shape.as_list()
         if dims.count(None) <= 1:
-            return reshaped(y, [-1 if size is None else size for size in dims])
+            return _reshaped(y, [-1 if size is None else size for size in dims])
         return tf.reshape(y, tf.shape(like))
 
     def to_view_channels(self, value):
         """A per-channel tensor of the channel shape, reshaped for the view."""
-        return reshaped(value, self.view_channel_shape)
+        return _reshaped(value, self.view_channel_shape)
 
     def to_channels(self, value):
         """A per-channel tensor of the view back in the channel shape."""
-        return reshaped(value, self.channel_shape)
+        return _reshaped(value, self.channel_shape)
 
 
-def reshaped(x, shape):
+def _reshaped(x, shape):
     """`tf.reshape(x, shape)` for a static `shape` (one -1 allowed); `x` itself when it
     has that shape already, so that the traced graph holds no reshape that does nothing."""
     if x.shape.rank == len(shape) and all(
@@ -633,7 +633,7 @@ def affine(x, a, b, shape, *, compiled):
     shape = list(shape)
     while len(shape) > 1 and shape[0] == 1:  # NumPy's broadcasting adds leading 1s
         shape.pop(0)
-    y = tf.cast(x, a.dtype) * reshaped(a, shape) + reshaped(b, shape)
+    y = tf.cast(x, a.dtype) * _reshaped(a, shape) + _reshaped(b, shape)
     return tf.cast(y, x.dtype)
 
 
@@ -678,12 +678,19 @@ def normalize_for_training(
     axes = tuple(axes)
     # Shaped to broadcast once: the forward and backward programs take them as they are.
     mean, inv_std = _against(mean, x, axes), _against(inv_std, x, axes)
+    # TensorFlow traces a custom gradient at the graph's root; the backward's ops go
+    # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
+    backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
 
     @tf.custom_gradient
     def _normalize(x, mean, inv_std, gamma, beta):
         y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
 
         def grad(dy):
+            with tf.name_scope(backward_scope):
+                return backward(dy)
+
+        def backward(dy):
             if sum_across_replicas is None:
                 sums, dx = _backward(x, dy, mean, inv_std, gamma, count, weights, axes,
                                      compiled=compiled)
