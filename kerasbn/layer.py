@@ -80,13 +80,14 @@ class BatchNormalization(keras.layers.Layer):
             `momentum=None`).
         jit_compile: run the layer's math (moments, normalization, each part of the
             backward pass) as XLA programs of its own: True, False, or "auto" (the
-            default) for inputs of 1,048,576 values or more, where they repay
-            their compile time within a few hundred steps (an unknown batch size
-            counted as 32, Keras's default; see `ops.worth_compiling`). These programs touch no variable and no
-            collective, so they compile under every strategy, on CPUs too, where
-            TensorFlow refuses to compile a whole multi-replica step. Inside a step
-            that XLA compiles as a whole (`model.compile(jit_compile=True)`), the math
-            is part of that program whatever this says.
+            default) for inputs of 1,048,576 values or more, where they repay their
+            compile time within a few hundred steps (an unknown batch size counted
+            as 32, Keras's default; see `ops.worth_compiling`). These programs touch
+            no variable and no collective, so they compile under every strategy, on
+            CPUs too, where TensorFlow refuses to compile a whole multi-replica step.
+            Inside a step that XLA compiles as a whole
+            (`model.compile(jit_compile=True)`), the math is part of that program
+            whatever this says.
         fused: accepted for configs written by tf-keras, and ignored: kerasbn picks its
             own kernels.
         adjustment: accepted only as None (tf-keras configs carry it); a callable is

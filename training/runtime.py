@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+from typing import Union
 
 from training.program import first_error_line
 
@@ -58,7 +59,7 @@ class XlaPlan:
 
     requested: bool
     step_jit_compile: bool
-    layer_jit_compile: object  # False or "auto"
+    layer_jit_compile: Union[bool, str]  # False or "auto"
     auto_clustering: bool
     evaluation_jit_compile: bool
     description: str
