@@ -49,7 +49,9 @@ def test_moments_match_float64(rng, shape, channel_axes):
     assert count.dtype == mean.dtype == var.dtype == tf.float32
     np.testing.assert_array_equal(count.numpy(), ref_count)
     assert reference.relative_error(mean, ref_mean) < 1e-6
-    assert reference.relative_error(var, ref_var) < 1e-6
+    # float32 sums of ~1000 squared deviations: over 3,000 draws of the (5, 3, 4, 3)
+    # layout the error reached 1.6e-6 (4 % of draws above 1e-6, once a failed run).
+    assert reference.relative_error(var, ref_var) < 4e-6
 
 
 @pytest.mark.parametrize("compiled,shape", [(False, (256, 16, 8)), (True, (256, 16, 8)),
