@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from kerasbn import _graph
 from kerasbn import ops
+from kerasbn import programs
 from kerasbn.layer import BatchNormalization
 
 DEFAULT_BATCH_SIZE = 32
@@ -322,7 +323,8 @@ def local_moments(layer, inputs, mask):
     weights = None
     if mask is not None:
         weights = layout.view(ops.mask_weights(mask, inputs, dtype))
-    compiled = isinstance(layer, BatchNormalization) and layer._compiles(inputs.shape)
+    compiled = isinstance(layer, BatchNormalization) and programs.compiles(
+        layer.jit_compile, inputs.shape)
     moments = ops.shifted_moments(layout.view(inputs), layout.axes, weights,
                                   compiled=compiled)
     return [tf.cast(layout.to_channels(t), tf.float64) for t in moments]

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from kerasbn import distribute
 from kerasbn import ops
+from kerasbn import programs
 from kerasbn import virtual_batches
 
 _RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
@@ -82,7 +83,7 @@ class BatchNormalization(keras.layers.Layer):
             backward pass) as XLA programs of its own: True, False, or "auto" (the
             default) for inputs of 1,048,576 values or more, where they repay their
             compile time within a few hundred steps (an unknown batch size counted
-            as 32, Keras's default; see `ops.worth_compiling`). These programs touch
+            as 32, Keras's default; see `programs.worth_compiling`). These programs touch
             no variable and no collective, so they compile under every strategy, on
             CPUs too, where TensorFlow refuses to compile a whole multi-replica step.
             Inside a step that XLA compiles as a whole
@@ -313,16 +314,10 @@ class BatchNormalization(keras.layers.Layer):
 
     def call(self, inputs, training=None, mask=None):
         self._check_inputs(inputs)
-        compiled = self._compiles(inputs.shape)
+        compiled = programs.compiles(self.jit_compile, inputs.shape)
         if training and self.trainable:
             return self._normalize_with_batch_statistics(inputs, mask, compiled)
         return self._normalize_with_moving_statistics(inputs, compiled)
-
-    def _compiles(self, input_shape):
-        """Whether the math runs as XLA programs of its own for inputs of this shape."""
-        if self.jit_compile == "auto":
-            return ops.worth_compiling(input_shape)
-        return self.jit_compile
 
     def _check_inputs(self, inputs):
         dtype = tf.as_dtype(inputs.dtype)

@@ -18,89 +18,7 @@ import functools
 
 import tensorflow as tf
 
-
-def _compilable(fn):
-    """Gives `fn` a keyword `compiled`: when True, the call runs as one XLA program.
-
-    The compiled pieces touch no variable and no collective, which is what lets XLA
-    compile them inside any strategy's replica function, on CPUs as on GPUs. Each
-    input signature gets a `tf.function` of its own (XLA compiles per concrete shape
-    anyway), so the trace keeps every static dim the caller knows, and a layer called
-    eagerly on a few shapes never triggers TensorFlow's "frequent retracing" warning,
-    which counts the traces of one function. `fn` itself receives `compiled`, to pick
-    the form of a computation that suits XLA.
-    """
-    programs = {}
-
-    def call(*args, compiled=False, **kwargs):
-        if not compiled or _in_xla_program():
-            return fn(*args, compiled=compiled, **kwargs)
-        key = _signature((args, sorted(kwargs.items())))
-        program = programs.get(key)
-        if program is None:
-            # A partial, not a closure: TensorFlow counts traces per code object.
-            program = programs[key] = tf.function(
-                functools.partial(fn, compiled=True), jit_compile=True, autograph=False)
-        return program(*args, **kwargs)
-
-    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
-    call.body = fn  # for compiled pieces made of others: one program, not nested ones
-    return call
-
-
-# When a batch norm's math runs as XLA programs of its own. Measured on this 2-core CPU
-# (one layer's training step in a `tf.function`, XLA programs / plain TensorFlow ops):
-# 64x256 values 1.14, 256x256 1.11, 32x8x8x64 0.82, 256x1024 0.69, 32x16x16x64 0.78;
-# 64x16x16x64 (1M values) 0.68, saving 1.8 ms a step; 64x32x32x32 (2M) 0.52, saving
-# 8.7 ms. XLA compiles each program before the first step: 40-50 ms, and about 25 ms
-# more for each reduction (the moments' program about 180 ms, the backward's about
-# 100): some 0.3 s per input shape, which the saving repays after about 130 steps at
-# 1M values and 500-3000 steps below that, where the stock layer compiles nothing.
-COMPILE_FROM_VALUES = 1 << 20
-ASSUMED_BATCH_SIZE = 32
-
-
-def worth_compiling(shape):
-    """Whether the math of a batch norm whose input has `shape` is worth running as XLA
-    programs of its own: from `COMPILE_FROM_VALUES` (1,048,576) values, where they
-    repay their compile time within the first few hundred steps. An unknown batch size
-    counts as Keras's default batch of 32: a model traced by `fit` rarely knows it.
-    When another dim is unknown the answer is True.
-
-    Args:
-        shape: the input's shape (a `tf.TensorShape` or a list).
-
-    Returns:
-        A bool.
-    """
-    dims = tf.TensorShape(shape).as_list()
-    per_example = _static_product(dims, range(1, len(dims)))
-    if per_example is None:
-        return True
-    batch = ASSUMED_BATCH_SIZE if dims[0] is None else dims[0]
-    return batch * per_example >= COMPILE_FROM_VALUES
-
-
-def _in_xla_program():
-    """True while tracing code that XLA compiles as a whole (a `tf.function` with
-    `jit_compile=True`, such as a model compiled with `jit_compile=True`): a piece
-    traced there is compiled with it, and a program of its own would only cost a
-    function trace. TensorFlow has no public way to ask."""
-    from tensorflow.python.ops import control_flow_util  # pylint: disable=import-outside-toplevel
-
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _signature(value):
-    """A hashable key of a call's arguments: shape and dtype for tensors, else values."""
-    if isinstance(value, (tf.Tensor, tf.Variable)) or (
-            hasattr(value, "shape") and hasattr(value, "dtype")):
-        shape = tf.TensorShape(value.shape)
-        dims = None if shape.rank is None else tuple(shape.as_list())
-        return ("tensor", dims, tf.as_dtype(value.dtype).name)
-    if isinstance(value, (list, tuple)):
-        return tuple(_signature(item) for item in value)
-    return value
+from kerasbn.programs import compilable
 
 
 def statistics_dtype(dtype):
@@ -293,7 +211,7 @@ def _against(value, x, axes):
     return value
 
 
-@_compilable
+@compilable
 def moments(x, axes, mask=None, *, compiled):
     """Per-channel count, mean and variance, accumulated in float32 (float64 for float64).
 
@@ -453,7 +371,7 @@ class _Blocks:
         return tf.slice(t, tf.stack(begin), tf.stack(sizes))
 
 
-@_compilable
+@compilable
 def shifted_moments(x, axes, mask=None, *, compiled):
     """Per-channel count, mean (as shift + offset) and variance, in one pass over x.
 
@@ -620,7 +538,7 @@ def inference_coefficients(mean, variance, gamma, beta, epsilon):
     return a, b
 
 
-@_compilable
+@compilable
 def affine(x, a, b, shape, *, compiled):
     """y = a·x + b with per-channel a and b, computed in a's dtype, returned in x's.
 
@@ -711,7 +629,7 @@ def _normalized(x, mean, inv_std):
     return (tf.cast(x, mean.dtype) - mean) * inv_std
 
 
-@_compilable
+@compilable
 def _normalize_forward(x, mean, inv_std, gamma, beta, axes, *, compiled):
     """y = (x - mean)·(γ·inv_std) + β, returned in x's dtype; mean and inv_std shaped
     to broadcast against x, γ and β per channel."""
@@ -720,7 +638,7 @@ def _normalize_forward(x, mean, inv_std, gamma, beta, axes, *, compiled):
     return tf.cast(y, x.dtype)
 
 
-@_compilable
+@compilable
 def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
     """[Σ dy, Σ dy·x̂] per channel, stacked: the only reductions of the backward pass."""
     def terms(x, dy, mean, inv_std):
@@ -730,7 +648,7 @@ def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
     return tf.stack(_sums(terms, [x, dy], [mean, inv_std], axes, compiled))
 
 
-@_compilable
+@compilable
 def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compiled):
     """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m."""
     x_hat = _normalized(x, mean, inv_std)
@@ -742,7 +660,7 @@ def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compi
     return tf.cast(dx, x.dtype)
 
 
-@_compilable
+@compilable
 def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
     """The sums and dx of one replica's backward pass, as one program when compiled."""
     sums = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=compiled)

@@ -48,7 +48,7 @@ class XlaPlan:
         step_jit_compile: `model.compile(jit_compile=...)` of the training step.
         layer_jit_compile: the kerasbn layers' `jit_compile` (their math as XLA
             programs of their own): False, or "auto" (from 1M values an input, see
-            `kerasbn.ops.worth_compiling`; inside a whole compiled step the math is
+            `kerasbn.programs.worth_compiling`; inside a whole compiled step the math is
             part of that program).
         auto_clustering: whether XLA auto-clustering (TF_XLA_FLAGS) is in force in
             this process.
