@@ -646,6 +646,18 @@ def test_verbose_follows_keras(verbose, rng, capsys):
 # ------------------------------------------------------------------ replicas
 
 
+# EMPTY REPLICAS: stock Keras layers get data that leaves no replica an empty batch
+# (4 replicas take ceil(batch / 4) examples each, in order: a last batch of 3 or 6
+# leaves the fourth empty). On an empty batch TensorFlow's oneDNN Conv2D returns its
+# input, (0, 6, 6, 3) for (0, 4, 4, 4); stock Keras's batch norm then has 3 channel
+# moments against 4 ("Incompatible shapes: [4] vs. [3]", or, synchronized, "Shape
+# mismatch in the collective instance"), in `fit` as in the pass. oneDNN is on by
+# default only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX
+# (TF_ENABLE_ONEDNN_OPTS overrides it), so this fails on some machines only. A
+# TensorFlow defect: kerasbn's own layer, which views its input as [-1, channels], is
+# unaffected, and its tests keep the empty replica.
+
+
 def _distributed_model(strategy, make, scale, rng):
     single = build_model(make, scale)
     randomize_statistics(single, rng)
@@ -655,20 +667,21 @@ def _distributed_model(strategy, make, scale, rng):
     return single, model
 
 
-@pytest.mark.parametrize("bn, scale, data_kind", [
-    ("kerasbn", 1.0, "plain"),
-    ("kerasbn", 1e4, "distributed"),
-    ("keras", 1.0, "plain"),
+@pytest.mark.parametrize("bn, scale, data_kind, count", [
+    ("kerasbn", 1.0, "plain", 43),
+    ("kerasbn", 1e4, "distributed", 43),
+    ("keras", 1.0, "plain", 44),  # a last batch of 4: see EMPTY REPLICAS
 ])
-def test_four_replicas_give_the_population_of_the_global_batches(bn, scale, data_kind,
+def test_four_replicas_give_the_population_of_the_global_batches(bn, scale, data_kind, count,
                                                                  mirrored_strategy, rng):
     """Synchronized layers, global batch 10 (not divisible by 4), last batch 3 (an empty
-    replica); every replica's copy identical; nothing else changed."""
+    replica; 4 for stock Keras: see EMPTY REPLICAS); every replica's copy identical;
+    nothing else changed."""
     strategy = mirrored_strategy
     make = BATCH_NORMS[bn]
     make_synchronized = lambda **kw: make(synchronized=True, **kw)  # noqa: E731
     _, model = _distributed_model(strategy, make_synchronized, scale, rng)
-    data = make_data(rng, 43)
+    data = make_data(rng, count)
     dataset = dataset_of(data, 10)
     if data_kind == "distributed":
         dataset = strategy.experimental_distribute_dataset(dataset)
@@ -678,7 +691,7 @@ def test_four_replicas_give_the_population_of_the_global_batches(bn, scale, data
     with strategy.scope():
         summary = kerasbn.recompute_statistics(model, dataset, verbose=0)
 
-    assert summary.examples == 43 and summary.batches == 5
+    assert summary.examples == count and summary.batches == 5
     assert_model_statistics(model, data, 10)  # the single-device reference, batches of 10
     for path, copies in moving_values(model).items():
         assert len(copies) == 4
@@ -696,9 +709,9 @@ def test_replicas_normalize_with_their_own_batches_when_not_synchronized(mirrore
     the same population as on one device; one exchange merges the replicas' parts."""
     strategy = mirrored_strategy
     _, model = _distributed_model(strategy, keras.layers.BatchNormalization, 1.0, rng)
-    data = make_data(rng, 30)
+    data = make_data(rng, 31)  # a last batch of 7: see EMPTY REPLICAS
     summary = kerasbn.recompute_statistics(model, dataset_of(data, 8), verbose=0)
-    assert summary.examples == 30
+    assert summary.examples == 31
     assert_model_statistics(model, data, 8, names=("bn_conv", "bn_masked"))
 
 
