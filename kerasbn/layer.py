@@ -346,10 +346,12 @@ class BatchNormalization(keras.layers.Layer):
 
     def _normalize_with_moving_statistics(self, inputs, compiled):
         dtype = ops.statistics_dtype(inputs.dtype)
-        gamma, beta = self._scale_and_offset(dtype)
         a, b = ops.inference_coefficients(
             self._in_view(self.moving_mean, dtype),
-            self._in_view(self.moving_variance, dtype), gamma, beta, self.epsilon,
+            self._in_view(self.moving_variance, dtype),
+            self._in_view(self.gamma, dtype) if self.scale else None,
+            self._in_view(self.beta, dtype) if self.center else None,
+            self.epsilon,
         )
         outputs = ops.affine(self._layout.view(inputs), a, b, self._layout.shape,
                              compiled=compiled)

@@ -119,6 +119,13 @@ class Layout:
     [B, C] input as it is. Statistics are computed in the view and handed back in the
     channel shape.
 
+    The view also absorbs a defect of TensorFlow (2.21): `tf.nn.conv2d` on an empty
+    batch traced with an unknown batch size returns a tensor of the *input's* shape
+    ([0, 5, 5, 3] where [0, 3, 3, 4] is due), so per-channel math on it as it is would
+    fail or give statistics of the wrong channel count (a replica with no examples of
+    a last partial batch hits it); reshaped to the view and back, an empty tensor takes
+    the shape it should have. `tests/test_layer.py` checks it.
+
     Args:
         input_shape: the full input shape (the channel dims must be known).
         channel_axes: sorted non-negative channel axes.
@@ -234,18 +241,23 @@ _SHIFT_SAMPLE_SIZE = 256
 
 
 def _leading_sample(x, axes):
-    """The first values along the first reduction axis: about 256 values per channel."""
+    """The first values along the first reduction axis: about 256 values per channel.
+
+    Returns:
+        `(sample, most)`: the sample, and how many values per channel it holds at most
+        (it holds fewer when x has fewer), or None when x's shape does not tell.
+    """
     per_row = _static_product(x.shape, axes[1:])
     if per_row is not None:  # a strided slice clamps its end to the axis' length
         rows = max(1, -(-_SHIFT_SAMPLE_SIZE // max(per_row, 1)))
         if x.shape[axes[0]] is not None and rows >= x.shape[axes[0]]:
-            return x
-        return x[(slice(None),) * axes[0] + (slice(0, rows),)]
+            return x, None
+        return x[(slice(None),) * axes[0] + (slice(0, rows),)], float(rows * per_row)
     dims = tf.shape(x)
     per_row = tf.reduce_prod(tf.gather(dims, axes[1:])) if len(axes) > 1 else 1
     rows = tf.minimum(dims[axes[0]], tf.maximum(1, -(-_SHIFT_SAMPLE_SIZE // per_row)))
     sizes = tf.where(tf.range(tf.size(dims)) == axes[0], rows, dims)
-    return tf.slice(x, tf.zeros_like(dims), sizes)
+    return tf.slice(x, tf.zeros_like(dims), sizes), None
 
 
 # Under XLA on CPU a reduction runs as a library call that does not take in the
@@ -405,13 +417,17 @@ def shifted_moments(x, axes, mask=None, *, compiled):
     """
     dtype = statistics_dtype(x.dtype)
     axes = list(axes)
-    sample = _leading_sample(tf.cast(x, dtype), axes)
+    sample, sample_most = _leading_sample(tf.cast(x, dtype), axes)
     if mask is None:
         count = _values_per_channel(x, axes, dtype)
+        divisor = _at_least_one(count)
+        if sample_most is None:
+            sample_divisor = _at_least_one(_values_per_channel(sample, axes, dtype))
+        else:  # the sample holds min(count, most) values
+            sample_divisor = _smaller(divisor, sample_most)
         # K only has to be near the mean; the moments do not depend on it, so neither
         # do their gradients.
-        shift = tf.stop_gradient(tf.reduce_sum(sample, axes)
-                                 / _at_least_one(_values_per_channel(sample, axes, dtype)))
+        shift = tf.stop_gradient(tf.reduce_sum(sample, axes) / sample_divisor)
 
         def deviation_terms(x, shift):
             deviations = tf.cast(x, dtype) - shift
@@ -419,12 +435,11 @@ def shifted_moments(x, axes, mask=None, *, compiled):
 
         sum_d, sum_d2 = _sums(deviation_terms, [x], [_against(shift, x, axes)], axes,
                               compiled)
-        divisor = _at_least_one(count)
         count = _filled(shift, count)
     else:
         x = tf.cast(x, dtype)
         weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
-        sample_weights = _leading_sample(weights, axes)
+        sample_weights, _ = _leading_sample(weights, axes)
         shift = tf.math.divide_no_nan(tf.reduce_sum(sample * sample_weights, axes),
                                       tf.reduce_sum(sample_weights, axes))
         deviations = x - _against(shift, x, axes)
@@ -453,6 +468,11 @@ def _values_per_channel(x, axes, dtype):
 def _at_least_one(count):
     """max(count, 1), for a number or a tensor: the divisor that makes 0/0 a 0."""
     return max(count, 1.0) if isinstance(count, float) else tf.maximum(count, 1.0)
+
+
+def _smaller(a, b):
+    """min(a, b), for numbers or a tensor and a number."""
+    return min(a, b) if isinstance(a, float) else tf.minimum(a, b)
 
 
 def _filled(like, value):
@@ -532,10 +552,9 @@ def inference_coefficients(mean, variance, gamma, beta, epsilon):
     a = tf.math.rsqrt(variance + epsilon)
     if gamma is not None:
         a = a * tf.cast(gamma, a.dtype)
-    b = -mean * a
-    if beta is not None:
-        b = b + tf.cast(beta, a.dtype)
-    return a, b
+    if beta is None:
+        return a, -(mean * a)
+    return a, tf.cast(beta, a.dtype) - mean * a
 
 
 @compilable
@@ -610,14 +629,16 @@ def normalize_for_training(
 
         def backward(dy):
             if sum_across_replicas is None:
-                sums, dx = _backward(x, dy, mean, inv_std, gamma, count, weights, axes,
-                                     compiled=compiled)
+                (sum_dy, sum_dy_x_hat), dx = _backward(
+                    x, dy, mean, inv_std, gamma, count, weights, axes, compiled=compiled)
             else:
-                sums = _backward_sums(x, dy, mean, inv_std, axes, compiled=compiled)
-                mean_sums = sum_across_replicas(sums) / _at_least_one(count)
+                sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
+                                                      compiled=compiled)
+                global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
+                mean_sums = tf.unstack(global_sums / _at_least_one(count))
                 dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
                                   compiled=compiled)
-            return dx, None, None, sums[1], sums[0]
+            return dx, None, None, sum_dy_x_hat, sum_dy
 
         return y, grad
 
@@ -640,19 +661,22 @@ def _normalize_forward(x, mean, inv_std, gamma, beta, axes, *, compiled):
 
 @compilable
 def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
-    """[Σ dy, Σ dy·x̂] per channel, stacked: the only reductions of the backward pass."""
+    """[Σ dy, Σ dy·x̂] per channel: the only reductions of the backward pass."""
     def terms(x, dy, mean, inv_std):
         dy = tf.cast(dy, mean.dtype)
         return dy, dy * _normalized(x, mean, inv_std)
 
-    return tf.stack(_sums(terms, [x, dy], [mean, inv_std], axes, compiled))
+    return _sums(terms, [x, dy], [mean, inv_std], axes, compiled)
 
 
 @compilable
-def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compiled):
-    """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m."""
-    x_hat = _normalized(x, mean, inv_std)
-    mean_dy, mean_dy_x_hat = (_against(s, x, axes) for s in tf.unstack(mean_sums))
+def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compiled,
+                 x_hat=None):
+    """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m
+    (`mean_sums`, a pair); x̂ is recomputed unless given."""
+    if x_hat is None:
+        x_hat = _normalized(x, mean, inv_std)
+    mean_dy, mean_dy_x_hat = (_against(s, x, axes) for s in mean_sums)
     correction = mean_dy + x_hat * mean_dy_x_hat
     if weights is not None:
         correction = weights * correction
@@ -662,10 +686,22 @@ def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compi
 
 @compilable
 def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
-    """The sums and dx of one replica's backward pass, as one program when compiled."""
-    sums = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=compiled)
-    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, sums / _at_least_one(count),
-                           weights, axes, compiled=compiled)
+    """The sums and dx of one replica's backward pass, as one program when compiled.
+
+    Compiled, x̂ is recomputed where it is needed (XLA fuses it into each use, and the
+    blocked sums never hold it whole); as plain ops it is computed once and shared.
+    """
+    divisor = _at_least_one(count)
+    if compiled:
+        sums = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=True)
+        x_hat = None
+    else:
+        x_hat = _normalized(x, mean, inv_std)
+        dy_in_statistics_dtype = tf.cast(dy, mean.dtype)
+        sums = [tf.reduce_sum(dy_in_statistics_dtype, axes),
+                tf.reduce_sum(dy_in_statistics_dtype * x_hat, axes)]
+    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [s / divisor for s in sums],
+                           weights, axes, compiled=compiled, x_hat=x_hat)
     return sums, dx
 
 
@@ -701,5 +737,7 @@ def moving_average(average, value, momentum):
 
 def all_finite(*tensors):
     """A scalar bool: True when no element of any tensor is NaN or infinite."""
+    if len({(t.dtype, tuple(t.shape)) for t in tensors}) == 1 and None not in tensors[0].shape:
+        return tf.reduce_all(tf.math.is_finite(tf.stack(tensors)))  # one reduction
     return functools.reduce(tf.logical_and,
                             [tf.reduce_all(tf.math.is_finite(t)) for t in tensors])

@@ -467,6 +467,26 @@ def test_inside_a_step_compiled_as_a_whole_the_math_is_part_of_that_program():
 # ------------------------------------------------------------------ numerics
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_after_a_convolution_keeps_the_channels(rng, training):
+    """TensorFlow 2.21's conv2d returns an empty batch traced with an unknown size in the
+    input's shape ([0, 5, 5, 3], not [0, 3, 3, 4]): what a replica without examples of a
+    last partial batch gets. The layer still answers [0, 3, 3, 4] and leaves its moving
+    statistics as they were (`ops.Layout`'s view absorbs the defect)."""
+    kernel = tf.constant(rng.standard_normal((3, 3, 3, 4)), tf.float32)
+    layer = kerasbn.BatchNormalization(momentum=0.5)
+    layer.build((None, 3, 3, 4))
+    before = [v.numpy() for v in layer.non_trainable_variables]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 5, 5, 3])])
+    def step(x):
+        return tf.shape(layer(tf.nn.conv2d(x, kernel, 1, "VALID"), training=training))
+
+    assert step(tf.zeros([0, 5, 5, 3])).numpy().tolist() == [0, 3, 3, 4]
+    for old, variable in zip(before, layer.non_trainable_variables):
+        np.testing.assert_array_equal(old, variable.numpy())
+
+
 def test_mean_far_from_zero_keeps_the_variance(rng):
     layer = kerasbn.BatchNormalization(momentum=0.0)
     x = (1e4 + rng.standard_normal((512, 8))).astype(np.float32)
