@@ -149,7 +149,11 @@ def test_startup_noise_is_dropped_and_everything_else_kept(capfd):
     noise = ("WARNING: All log messages before absl::InitializeLog() is called are "
              "written to STDERR\n"
              "I0000 00:00:1796185967.755217    4060 cudart_stub.cc:31] Could not find "
-             "cuda drivers on your machine, GPU will not be used.\n")
+             "cuda drivers on your machine, GPU will not be used.\n"
+             "I0000 00:00:1796221640.611286   23449 port.cc:153] oneDNN custom operations "
+             "are on. You may see slightly different numerical results due to "
+             "floating-point round-off errors from different computation orders. To turn "
+             "them off, set the environment variable `TF_ENABLE_ONEDNN_OPTS=0`.\n")
     with runtime.startup_noise_filtered():
         os.write(2, noise.encode())
         os.write(2, b"a real warning\n")

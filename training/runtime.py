@@ -281,13 +281,15 @@ def tensorflow_started():
     return ctx._physical_devices is not None or ctx._initialized  # noqa: SLF001
 
 
-# WORKAROUND: TensorFlow's C++ start-up prints this on a machine without a GPU before its
-# logging is set up, so TF_CPP_MIN_LOG_LEVEL cannot hide it: dropped, the rest kept.
+# WORKAROUND: TensorFlow's C++ start-up prints this on a machine without a GPU (and, on
+# CPUs where it turns oneDNN on, that it did) before its logging is set up, so
+# TF_CPP_MIN_LOG_LEVEL cannot hide it: dropped, the rest kept.
 _STARTUP_NOISE = re.compile(
     r"^WARNING: All log messages before absl::InitializeLog\(\) is called"
     r"|^[IWE]\d{4} [\d:.]+\s+\d+ (cudart_stub|cuda_platform|cuda_executor|cuda_diagnostics"
     r"|cuda_fft|cuda_dnn|cuda_blas)\.cc:\d+\] .*(cuda drivers|cuInit|driver version"
-    r"|kernel driver|Unable to register|GPU will not be used)")
+    r"|kernel driver|Unable to register|GPU will not be used)"
+    r"|^I\d{4} [\d:.]+\s+\d+ port\.cc:\d+\] oneDNN custom operations are on")
 
 
 @contextlib.contextmanager
