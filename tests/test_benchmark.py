@@ -160,6 +160,9 @@ def test_targets_on_fixed_numbers():
                "tf_keras": 6.0, "torch NCHW": 3.0, "torch channels-last": 2.0}, ours),
         group("layer", {"shape_name": "NHWC", "mode": "inference"},
               {"kerasbn": 1.0, "kerasbn XLA": 0.5, "keras": 9.0, "keras XLA": 2.0}, ours),
+        group("layer", {"shape_name": "dense", "mode": "inference"},
+              {"kerasbn": 1.5, "keras XLA": 1.0, "a*x+b (ops)": 1.4, "a*x+b (y in XLA)": 1.6},
+              dict(ours, **{"a*x+b (ops)": REFERENCE, "a*x+b (y in XLA)": REFERENCE})),
         group("layer", {"shape_name": "NCHW", "mode": "training"},
               {"kerasbn": 1.0, "keras": 9.0}, ours),
         group("layer", {"shape_name": "dense", "mode": "training"},  # no PyTorch
@@ -180,6 +183,11 @@ def test_targets_on_fixed_numbers():
         # The layer as it comes, not compiled whole, against Keras compiled whole.
         ("layer inference NHWC: kerasbn as it comes / keras XLA", pytest.approx(0.5), 1.0,
          True),
+        # The least a layer as it comes costs (1.4 ms) is above Keras XLA (1.0 ms).
+        ("layer inference dense: kerasbn as it comes / keras XLA", pytest.approx(1.5), 1.0,
+         False),
+        ("layer inference dense: kerasbn as it comes / max(keras XLA, the least a layer "
+         "as it comes costs)", pytest.approx(1.5 / 1.4), 1.0, False),
         ("layer training dense: kerasbn / fastest TensorFlow", pytest.approx(1.5), 0.8,
          False),
         ("layer training dense 64x256: kerasbn / fastest TensorFlow", pytest.approx(1.04),
@@ -519,7 +527,8 @@ def test_quick_run_timed_every_section(quick_run):
     for g in layer:
         torch_names = (["torch NCHW", "torch channels-last"]
                        if len(g["params"]["shape"]) == 4 else ["torch"])
-        assert_timed(g, LAYER_CONTENDERS, ["tf_keras"] + torch_names, skipped)
+        least = list(config.LEAST_INFERENCE) if g["params"]["mode"] == "inference" else []
+        assert_timed(g, LAYER_CONTENDERS + least, ["tf_keras"] + torch_names, skipped)
         assert {(r["numerator"], r["denominator"]) for r in g["ratios"]} >= {
             ("kerasbn", "keras"), ("kerasbn XLA", "keras XLA")}
     bandwidth = groups(document, "bandwidth")

@@ -9,6 +9,9 @@ import dataclasses
 from typing import NamedTuple, Tuple
 
 REPLICAS = 4  # logical CPU devices of the sync section and of first_step's replicas
+# The references of the inference comparisons: the least a batch norm called as it
+# comes can cost (`contenders.least_inference_contenders`).
+LEAST_INFERENCE = ("a*x+b (ops)", "a*x+b (y in XLA)")
 EPSILON, MOMENTUM = 1e-3, 0.99  # Keras's defaults, given to every contender
 NUM_CLASSES = 10
 # Bytes a call must move, as multiples of the size of x (see the bandwidth section).

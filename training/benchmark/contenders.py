@@ -17,7 +17,7 @@ import tensorflow as tf
 import kerasbn
 from kerasbn.export import export_saved_model
 from kerasbn.statistics import PopulationPass
-from training.benchmark.config import EPSILON, MOMENTUM, NUM_CLASSES
+from training.benchmark.config import EPSILON, LEAST_INFERENCE, MOMENTUM, NUM_CLASSES
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender
 from training.benchmark.optional import tf_keras, torch
 from training.models import build_model
@@ -190,6 +190,37 @@ def copy_contenders(x_np):
 
     return [Contender("copy (numpy)", REFERENCE, numpy_copy),
             Contender("copy (tf)", REFERENCE, tf_copy)]
+
+
+def least_inference_contenders(x_np, axis):
+    """The least a batch norm called as it comes (an ordinary `tf.function`, not
+    compiled whole) can cost at inference (references): y = a·x + b, with a and b
+    computed in the call from four per-channel variables (moving mean and variance, γ,
+    β), as plain TensorFlow ops, and with y as one XLA program (what kerasbn does from
+    1M values)."""
+    x = tf.constant(x_np)
+    channels = x_np.shape[axis]
+    shape = [1] * x_np.ndim
+    shape[axis] = channels
+
+    def make(y_in_xla):
+        rng = np.random.default_rng(0)
+        mean, variance, gamma, beta = (
+            tf.Variable(rng.uniform(0.5, 1.5, channels).astype(np.float32))
+            for _ in range(4))
+        affine = tf.function(lambda x, a, b: x * a + b, jit_compile=True)
+
+        @tf.function
+        def infer(x):
+            a = tf.math.rsqrt(variance + EPSILON) * gamma
+            a, b = tf.reshape(a, shape), tf.reshape(beta - mean * a, shape)
+            y = affine(x, a, b) if y_in_xla else x * a + b
+            return y[(0,) * x.shape.rank]
+
+        return lambda: infer(x).numpy()
+
+    return [Contender(name, REFERENCE, lambda y_in_xla=y_in_xla: make(y_in_xla))
+            for name, y_in_xla in zip(LEAST_INFERENCE, (False, True))]
 
 
 # ------------------------------------------------------------------ models

@@ -80,6 +80,8 @@ def section_layer(run: Run):
         dy_np = run.rng.standard_normal(shape, dtype=np.float32)
         for mode in ("training", "inference"):
             contenders = contending.layer_contenders(x_np, dy_np, axis, mode == "training")
+            if mode == "inference":
+                contenders += contending.least_inference_contenders(x_np, axis)
             if bandwidth:
                 contenders += contending.copy_contenders(x_np)
             group = measure(run.report, "layer",
