@@ -659,12 +659,17 @@ def _normalize_forward(x, mean, inv_std, gamma, beta, axes, *, compiled):
     return tf.cast(y, x.dtype)
 
 
+def _backward_terms(dy, x_hat):
+    """What the backward pass sums per channel: dy and dy·x̂ (dy in x̂'s dtype)."""
+    dy = tf.cast(dy, x_hat.dtype)
+    return dy, dy * x_hat
+
+
 @compilable
 def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
     """[Σ dy, Σ dy·x̂] per channel: the only reductions of the backward pass."""
     def terms(x, dy, mean, inv_std):
-        dy = tf.cast(dy, mean.dtype)
-        return dy, dy * _normalized(x, mean, inv_std)
+        return _backward_terms(dy, _normalized(x, mean, inv_std))
 
     return _sums(terms, [x, dy], [mean, inv_std], axes, compiled)
 
@@ -697,9 +702,7 @@ def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
         x_hat = None
     else:
         x_hat = _normalized(x, mean, inv_std)
-        dy_in_statistics_dtype = tf.cast(dy, mean.dtype)
-        sums = [tf.reduce_sum(dy_in_statistics_dtype, axes),
-                tf.reduce_sum(dy_in_statistics_dtype * x_hat, axes)]
+        sums = [tf.reduce_sum(t, axes) for t in _backward_terms(dy, x_hat)]
     dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [s / divisor for s in sums],
                            weights, axes, compiled=compiled, x_hat=x_hat)
     return sums, dx
@@ -737,7 +740,9 @@ def moving_average(average, value, momentum):
 
 def all_finite(*tensors):
     """A scalar bool: True when no element of any tensor is NaN or infinite."""
-    if len({(t.dtype, tuple(t.shape)) for t in tensors}) == 1 and None not in tensors[0].shape:
+    first = tensors[0]
+    if first.shape.is_fully_defined() and all(
+            t.dtype == first.dtype and t.shape == first.shape for t in tensors):
         return tf.reduce_all(tf.math.is_finite(tf.stack(tensors)))  # one reduction
     return functools.reduce(tf.logical_and,
                             [tf.reduce_all(tf.math.is_finite(t)) for t in tensors])
