@@ -18,6 +18,7 @@ import functools
 
 import tensorflow as tf
 
+from kerasbn import sums
 from kerasbn.programs import compilable
 
 
@@ -201,11 +202,6 @@ def _product(values):
     return result
 
 
-def _to_channels(tensor, axes):
-    """Squeezes a keepdims reduction down to the channel shape."""
-    return tf.squeeze(tensor, axis=axes) if axes else tensor
-
-
 def _against(value, x, axes):
     """A per-channel `value` (x reduced over `axes`, without kept dims) shaped to
     broadcast against x: as it is when every reduction axis comes before every
@@ -260,129 +256,6 @@ def _leading_sample(x, axes):
     return tf.slice(x, tf.zeros_like(dims), sizes), None
 
 
-# Under XLA on CPU a reduction runs as a library call that does not take in the
-# elementwise work feeding it: Σ(x - K)² first writes (x - K)² out in full, and a
-# fresh buffer the size of the input costs more than the sum itself (its memory is
-# faulted in anew on each call). Compiled code therefore sums blocks of 16K values
-# (64 KB in float32, well inside a core's cache) in a loop. Inputs under 1M values
-# are summed in one piece: their buffers are reused from call to call, and the loop
-# would cost more than it saves. When axis 0 is kept and the reduction starts at
-# axis 1 (the groups of a ghost batch norm's view, [groups, rows, channels]), the
-# blocks lie within one group, group after group: a block across every group reduces
-# a short strided axis, which XLA's CPU code does about 1.5 times slower.
-_BLOCK_VALUES = 1 << 14
-_MIN_BLOCKED_VALUES = 1 << 20
-
-
-def _sums(terms, tensors, params, axes, compiled):
-    """Per-channel sums of each tensor `terms(*tensors, *params)` returns, in the
-    channel shape (the reduction without kept dims).
-
-    `tensors` have the input's shape, `params` its rank and broadcast against it.
-    Compiled, large inputs are summed in blocks along the first reduction axis, so that
-    nothing the size of the input is ever written; the blocks' partial sums then add
-    up, which is at least as accurate as one long sum. The gradient is that of the
-    direct sums (a gradient penalty differentiates through here).
-    """
-    def direct(*args, keepdims=False):
-        return [tf.reduce_sum(t, axes, keepdims=keepdims) for t in terms(*args)]
-
-    rank, size = tensors[0].shape.rank, tensors[0].shape.num_elements()
-    if not compiled or rank is None or (size is not None and size < _MIN_BLOCKED_VALUES):
-        return direct(*tensors, *params)
-    blocks = _Blocks(tensors[0].shape, axes[0])
-
-    @tf.custom_gradient
-    def blocked(*args):
-        inputs, rest = args[:len(tensors)], list(args[len(tensors):])
-
-        def block_sums(part, start, length):
-            return direct(*[blocks.rows(t, part, start, length) for t in inputs],
-                          *[blocks.rows(q, part) for q in rest], keepdims=True)
-
-        def add_full_blocks(part, totals):
-            def body(i, *totals):
-                length, block = blocks.geometry(inputs[0])
-                block = tf.minimum(block, length)
-                return (i + 1, *(t + s for t, s in zip(totals, block_sums(part, i * block,
-                                                                           block))))
-
-            length, block = blocks.geometry(inputs[0])
-            _, *totals = tf.while_loop(lambda i, *_: i < length // block, body,
-                                       (tf.constant(0, tf.int64), *totals))
-            return totals
-
-        length, block = blocks.geometry(inputs[0])
-        tail = (length // block) * block
-        tails = block_sums(None, tail, length - tail)  # every part's last, short block
-        totals = [_to_channels(t, axes) for t in blocks.over_parts(add_full_blocks, tails)]
-
-        def grad(*upstream):
-            upstream = [tf.zeros_like(t) if g is None else g for g, t in zip(upstream, totals)]
-            with tf.GradientTape() as tape:
-                tape.watch(args)
-                sums = direct(*args)
-            return tape.gradient(sums, args, output_gradients=upstream)
-
-        return totals, grad
-
-    return blocked(*tensors, *params)
-
-
-class _Blocks:
-    """Where the blocks of `_sums` lie: rows along `axis`, spanning every other axis; or,
-    when `axis` is 1 (axis 0 then is kept) and one index of axis 0 holds a block or more,
-    within one such part at a time.
-
-    Every size is computed from a tensor's shape inside the loops, so that XLA sees
-    constants there.
-    """
-
-    def __init__(self, shape, axis):
-        part_size = shape[1:].num_elements()
-        self.rank, self.axis = shape.rank, axis
-        self.per_part = axis == 1 and part_size is not None and part_size >= _BLOCK_VALUES
-
-    def geometry(self, t):
-        """(length, block) of a part: block exceeds length when t is summed in one piece."""
-        dims = tf.shape(t, out_type=tf.int64)
-        parts = dims[0] if self.per_part else 1
-        length, size = dims[self.axis], tf.reduce_prod(dims)
-        row = size // tf.maximum(parts * length, 1)
-        return length, tf.where(size < _MIN_BLOCKED_VALUES, length + 1,
-                                tf.maximum(_BLOCK_VALUES // tf.maximum(row, 1), 1))
-
-    def over_parts(self, add_full_blocks, tails):
-        """The totals: `add_full_blocks(part, totals)` run from the tails' sums, on every
-        part at once (part None) or part by part."""
-        if not self.per_part:
-            return add_full_blocks(None, tails)
-
-        def body(part, *totals):
-            done = add_full_blocks(part, [self.rows(t, part) for t in totals])
-            return (part + 1, *(tf.tensor_scatter_nd_update(t, tf.reshape(part, [1, 1]), d)
-                                for t, d in zip(totals, done)))
-
-        parts = tf.shape(tails[0], out_type=tf.int64)[0]
-        _, *totals = tf.while_loop(lambda part, *_: part < parts, body,
-                                   (tf.constant(0, tf.int64), *tails))
-        return totals
-
-    def rows(self, t, part, start=None, length=None):
-        """The block of t: its rows [start, start + length) along the axis (all of them
-        when start is None), at index `part` of axis 0 unless part is None or t has one
-        index there (a parameter shared by the parts)."""
-        if (start is None and part is None) or t.shape.rank < self.rank:
-            return t  # all of it, or a parameter that broadcasts against every part
-        dims = tf.shape(t, out_type=tf.int64)
-        begin, sizes = [0] * self.rank, [dims[a] for a in range(self.rank)]
-        if start is not None:
-            begin[self.axis], sizes[self.axis] = start, length
-        if part is not None:
-            begin[0], sizes[0] = tf.minimum(part, dims[0] - 1), 1
-        return tf.slice(t, tf.stack(begin), tf.stack(sizes))
-
-
 @compilable
 def shifted_moments(x, axes, mask=None, *, compiled):
     """Per-channel count, mean (as shift + offset) and variance, in one pass over x.
@@ -433,8 +306,8 @@ def shifted_moments(x, axes, mask=None, *, compiled):
             deviations = tf.cast(x, dtype) - shift
             return deviations, tf.square(deviations)
 
-        sum_d, sum_d2 = _sums(deviation_terms, [x], [_against(shift, x, axes)], axes,
-                              compiled)
+        sum_d, sum_d2 = sums.channel_sums(deviation_terms, [x], [_against(shift, x, axes)],
+                                          axes, compiled)
         count = _filled(shift, count)
     else:
         x = tf.cast(x, dtype)
@@ -671,7 +544,7 @@ def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
     def terms(x, dy, mean, inv_std):
         return _backward_terms(dy, _normalized(x, mean, inv_std))
 
-    return _sums(terms, [x, dy], [mean, inv_std], axes, compiled)
+    return sums.channel_sums(terms, [x, dy], [mean, inv_std], axes, compiled)
 
 
 @compilable
@@ -698,14 +571,14 @@ def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
     """
     divisor = _at_least_one(count)
     if compiled:
-        sums = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=True)
+        totals = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=True)
         x_hat = None
     else:
         x_hat = _normalized(x, mean, inv_std)
-        sums = [tf.reduce_sum(t, axes) for t in _backward_terms(dy, x_hat)]
-    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [s / divisor for s in sums],
+        totals = [tf.reduce_sum(t, axes) for t in _backward_terms(dy, x_hat)]
+    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [t / divisor for t in totals],
                            weights, axes, compiled=compiled, x_hat=x_hat)
-    return sums, dx
+    return totals, dx
 
 
 def renorm_correction(mean, variance, renorm_mean, renorm_stddev, *, epsilon,

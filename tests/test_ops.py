@@ -7,6 +7,7 @@ import tensorflow as tf
 import grids
 import reference
 from kerasbn import ops
+from kerasbn import sums
 
 # (input shape, channel axes) of the shared grid, with a batch of 16.
 LAYOUTS = [((16,) + shape, reference.channel_axes(len(shape) + 1, axis))
@@ -20,16 +21,16 @@ def _setup(shape, channel_axes):
     return axes, channel_shape, ops.broadcast_shape(rank, channel_axes, channel_shape)
 
 
-# Large enough that compiled code sums it in blocks (ops._sums), with a short last block.
+# Large enough that compiled code sums it in blocks (sums.channel_sums), with a short last block.
 BLOCKED_SHAPE = (131, 64, 128)
-assert np.prod(BLOCKED_SHAPE) >= ops._MIN_BLOCKED_VALUES
-assert BLOCKED_SHAPE[0] % (ops._BLOCK_VALUES // (64 * 128)) != 0
+assert np.prod(BLOCKED_SHAPE) >= sums.MIN_BLOCKED_VALUES
+assert BLOCKED_SHAPE[0] % (sums.BLOCK_VALUES // (64 * 128)) != 0
 
 # The same with axis 0 kept (a ghost batch norm's view, [groups, rows, channels]): summed
 # in blocks group after group, each group with a short last block.
 GROUPED_BLOCKED_SHAPE = (4, 2053, 128)
-assert np.prod(GROUPED_BLOCKED_SHAPE) >= ops._MIN_BLOCKED_VALUES
-assert GROUPED_BLOCKED_SHAPE[1] % (ops._BLOCK_VALUES // 128) != 0
+assert np.prod(GROUPED_BLOCKED_SHAPE) >= sums.MIN_BLOCKED_VALUES
+assert GROUPED_BLOCKED_SHAPE[1] % (sums.BLOCK_VALUES // 128) != 0
 
 
 def _random_input(rng, shape, loc=0.0, scale=1.0):
