@@ -277,9 +277,11 @@ def test_masked_values_stay_out_of_the_statistics_forward_and_backward(rng, shap
     for actual, expected in ((y, ref_y), (dx, ref_dx), (dgamma, ref_dgamma),
                              (dbeta, ref_dbeta)):
         assert reference.relative_error(actual, expected) < 2e-5
-    np.testing.assert_allclose(layer.moving_mean.numpy(),
-                               reference.moving_average(old_mean, mean, 0.5), rtol=0,
-                               atol=1e-5 * np.sqrt(var).max())
+    expected_mean = reference.moving_average(old_mean, mean, 0.5)
+    # A channel's mean can be near 0, so the error is measured against the channel's spread,
+    # or against the values where a mask leaves one example (spread 0) and float32's rounding.
+    np.testing.assert_allclose(layer.moving_mean.numpy(), expected_mean, rtol=0,
+                               atol=1e-5 * max(np.sqrt(var).max(), np.abs(expected_mean).max()))
     np.testing.assert_allclose(layer.moving_variance.numpy(),
                                reference.moving_average(old_var, var, 0.5), rtol=1e-5)
 
