@@ -251,6 +251,32 @@ def test_add_bandwidth_on_fixed_numbers():
     assert report.skipped[0]["reason"] == "no copy could be timed"
 
 
+def test_accuracy_section_measures_errors_against_float64_statistics(monkeypatch):
+    """On fake layers whose statistics are off by known amounts."""
+    def one_batch_statistics(x_np):
+        exact = x_np.astype(np.float64)
+        mean, variance = exact.mean(axis=(0, 1, 2)), exact.var(axis=(0, 1, 2))
+        off_mean = mean + np.where(np.arange(mean.size) == 1, 0.25, 0.0) * np.sqrt(variance)
+        return [("exact", OURS, mean, variance),
+                ("off", THEIRS, off_mean, variance * np.linspace(1.0, 1.02, variance.size))]
+
+    monkeypatch.setattr(sections.contending, "one_batch_statistics", one_batch_statistics)
+    quick = dataclasses.replace(config.QUICK, accuracy_offsets=(0.0, 1e4))
+    report = Report()
+    sections.section_accuracy(sections.Run(quick, ("accuracy",), np.random.default_rng(0),
+                                           report))
+    assert [g["params"]["offset"] for g in report.groups] == [0.0, 1e4]
+    for g in report.groups:
+        assert g["section"] == "accuracy" and g["ratios"] == []
+        exact, off = g["contenders"]["exact"], g["contenders"]["off"]
+        assert exact == {"role": OURS, "mean_error_std": 0.0, "variance_error": 0.0}
+        assert off["mean_error_std"] == pytest.approx(0.25)
+        assert off["variance_error"] == pytest.approx(0.02)
+    assert results.group_table(report.groups[0]) == (
+        ("contender", "mean error (std)", "variance error (relative)"),
+        [("exact", "0.00e+00", "0.00e+00"), ("off", "2.50e-01", "2.00e-02")])
+
+
 def test_table_as_text_and_as_markdown():
     rows = [("x", 1.0), ("long name", 0.12345)]
     assert results.table(("a", "bb"), rows) == (
@@ -313,7 +339,7 @@ def test_config_with_reps_and_as_json():
         "resnet_xla", "export_batches", "export_all", "statistics_cases", "statistics_reps",
         "ghost_shape", "ghost_virtual_batch_size", "ghost_reps", "first_step_cases",
         "first_step_reps", "first_step_image", "first_step_batch", "first_step_steps",
-        "first_step_timeout"]
+        "first_step_timeout", "accuracy_shape", "accuracy_offsets"]
     assert document["layer_cases"] == [["NHWC", [16, 16, 16, 32], -1],
                                        ["dense", [64, 256], -1],
                                        ["NCHW", [16, 32, 16, 16], 1]]
@@ -543,6 +569,24 @@ def test_quick_run_timed_every_section(quick_run):
     assert [g["params"]["batch"] for g in export] == list(config.QUICK.export_batches)
     for g in export:
         assert_timed(g, EXPORT_CONTENDERS)
+
+
+def test_quick_run_measured_what_each_layer_records_for_one_batch(quick_run):
+    _, document, _ = quick_run
+    skipped = {s["contender"] for s in document["skipped"] if s["section"] == "accuracy"}
+    accuracy = groups(document, "accuracy")
+    assert [g["params"]["offset"] for g in accuracy] == list(config.QUICK.accuracy_offsets)
+    for g in accuracy:
+        names = set(g["contenders"])
+        assert names >= {"kerasbn", "keras"}
+        assert ("tf_keras" in names) != ("tf_keras" in skipped)
+        assert ("torch channels-last" in names) != ("torch" in skipped)
+        # float32 rounding, whatever the mean: the contract of kerasbn's statistics
+        assert g["contenders"]["kerasbn"]["variance_error"] < 1e-5
+        assert g["contenders"]["kerasbn"]["mean_error_std"] < 1e-3
+    # At mean 0 every layer is accurate: a variance recorded times n/(n - 1) and not
+    # undone would be off by 1/n (n = 1024 values a channel).
+    assert all(r["variance_error"] < 1e-4 for r in accuracy[0]["contenders"].values())
 
 
 def test_quick_run_timed_ghost_statistics_and_first_step(quick_run):

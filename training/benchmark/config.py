@@ -81,6 +81,9 @@ class Config:
             models, the global batch and the number of steps of the first `fit`.
         first_step_timeout: seconds a fresh process may take before it counts as
             not runnable.
+        accuracy_shape: the NHWC input of the accuracy section.
+        accuracy_offsets: its inputs' means, in standard deviations (one comparison
+            each).
     """
 
     layer_cases: Tuple[LayerCase, ...]
@@ -108,6 +111,8 @@ class Config:
     first_step_batch: int
     first_step_steps: int
     first_step_timeout: float
+    accuracy_shape: Tuple[int, int, int, int]
+    accuracy_offsets: Tuple[float, ...]
 
     def with_reps(self, reps):
         """A copy with every `*_reps` count set to `reps`."""
@@ -138,6 +143,7 @@ FULL = Config(
                            for replicas in (1, REPLICAS) for xla in ("off", "step")),
     first_step_reps=3, first_step_image=(32, 32, 3), first_step_batch=32,
     first_step_steps=2, first_step_timeout=900.0,
+    accuracy_shape=(64, 32, 32, 64), accuracy_offsets=(0.0, 1e2, 1e3, 1e4),
 )
 QUICK = Config(
     layer_cases=(LayerCase("NHWC", (16, 16, 16, 32), -1), LayerCase("dense", (64, 256), -1),
@@ -152,4 +158,5 @@ QUICK = Config(
     first_step_cases=(FirstStepCase("resnet", 1, "off"),),
     first_step_reps=1, first_step_image=(8, 8, 1), first_step_batch=16,
     first_step_steps=2, first_step_timeout=300.0,
+    accuracy_shape=(16, 8, 8, 16), accuracy_offsets=(0.0, 1e4),
 )

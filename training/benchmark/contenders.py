@@ -1,5 +1,6 @@
 """What the benchmark times: each function builds something and returns a callable that
-runs it once and fetches a result to Python (on CPU: the work is done).
+runs it once and fetches a result to Python (on CPU: the work is done); and, untimed,
+the statistics each layer records for one batch (the accuracy section).
 
 Layer calls of kerasbn, Keras 3 (with and without XLA), tf_keras and PyTorch, with and
 without virtual batches; copies of x (the bandwidth floor); a synchronized SGD step on
@@ -21,6 +22,43 @@ from training.benchmark.config import EPSILON, LEAST_INFERENCE, MOMENTUM, NUM_CL
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender
 from training.benchmark.optional import tf_keras, torch
 from training.models import build_model
+
+# ------------------------------------------------------------------ accuracy
+
+
+def one_batch_statistics(x_np):
+    """What each layer records for one batch: its moving mean and variance after one
+    training call on `x_np` (NHWC, float32) with a momentum that keeps only the batch
+    (0; PyTorch's 1), in float64, the variance biased (tf_keras's fused layer and
+    PyTorch record it times n/(n - 1), which is undone).
+
+    Returns:
+        A list of (name, role, mean, variance): kerasbn, Keras 3, and tf_keras (fused)
+        and PyTorch (channels-last) when they are installed.
+    """
+    x = tf.constant(x_np)
+    n = x_np.size // x_np.shape[-1]
+    unbiased = n / (n - 1)
+    layers = [("kerasbn", OURS, kerasbn.BatchNormalization, 1.0),
+              ("keras", THEIRS, keras.layers.BatchNormalization, 1.0)]
+    if tf_keras is not None:
+        layers.append(("tf_keras", THEIRS, lambda **options: tf_keras.layers.
+                       BatchNormalization(fused=True, **options), unbiased))
+    recorded = []
+    for name, role, make, factor in layers:
+        layer = make(momentum=0.0, epsilon=EPSILON)
+        layer(x, training=True)
+        recorded.append((name, role, layer.moving_mean.numpy().astype(np.float64),
+                         layer.moving_variance.numpy().astype(np.float64) / factor))
+    if torch is not None:
+        bn = torch.nn.BatchNorm2d(x_np.shape[-1], eps=EPSILON, momentum=1.0).train()
+        with torch.no_grad():
+            bn(torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous(
+                memory_format=torch.channels_last))
+        recorded.append(("torch channels-last", THEIRS, bn.running_mean.double().numpy(),
+                         bn.running_var.double().numpy() / unbiased))
+    return recorded
+
 
 # ------------------------------------------------------------------ one layer
 

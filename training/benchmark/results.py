@@ -173,6 +173,10 @@ def group_table(group):
     if group["section"] == "bandwidth":
         return (("contender", "median ms", "GB/s", "fraction of copy"),
                 [(n, r["median_ms"], r["gbps"], r["fraction"]) for n, r in results.items()])
+    if group["section"] == "accuracy":
+        return (("contender", "mean error (std)", "variance error (relative)"),
+                [(n, f"{r['mean_error_std']:.2e}", f"{r['variance_error']:.2e}")
+                 for n, r in results.items()])
     numerators = list(dict.fromkeys(r["numerator"] for r in group["ratios"]))
     ratio = {(r["numerator"], r["denominator"]): r["ratio"] for r in group["ratios"]}
     return (("contender", "median ms", "p25-p75 ms") + tuple(f"{n} / it" for n in numerators),
@@ -219,12 +223,17 @@ COLORS = {OURS: "tab:blue", THEIRS: "tab:orange", REFERENCE: "tab:gray"}
 
 def draw_group(ax, group):
     """One comparison as horizontal bars: medians with their interquartile range
-    (fractions of the copy bandwidth for bandwidth)."""
+    (fractions of the copy bandwidth for bandwidth; variance errors, on a log scale
+    from 1e-9, for accuracy)."""
     results = group["contenders"]
     names = list(results)
     if group["section"] == "bandwidth":
         values, spread, label = [results[n]["fraction"] for n in names], None, \
             "fraction of copy bandwidth"
+    elif group["section"] == "accuracy":
+        values, spread, label = [max(results[n]["variance_error"], 1e-9) for n in names], \
+            None, "variance error (relative)"
+        ax.set_xscale("log")
     else:
         values, label = [results[n]["median_ms"] for n in names], "median ms"
         spread = [[results[n]["median_ms"] - results[n]["p25_ms"] for n in names],

@@ -120,6 +120,42 @@ def add_bandwidth(report, layer_group):
         "contenders": contenders, "ratios": []})
 
 
+# ------------------------------------------------------------------ accuracy
+
+
+def section_accuracy(run: Run):
+    """The statistics each layer records for one batch (`contenders.one_batch_statistics`)
+    of `config.accuracy_shape` whose mean is `offset` standard deviations, for each of
+    `config.accuracy_offsets`, against float64 statistics of the same float32 input:
+    the largest error of a channel's mean (in standard deviations) and of its variance
+    (relative)."""
+    for name in ("tf_keras", "torch"):
+        if optional.missing(name):
+            run.report.skip("accuracy", name, optional.missing(name))
+    shape = run.config.accuracy_shape
+    for offset in run.config.accuracy_offsets:
+        x_np = (run.rng.standard_normal(shape) + offset).astype(np.float32)
+        exact = x_np.astype(np.float64)
+        axes = tuple(range(exact.ndim - 1))
+        mean, variance = exact.mean(axis=axes), exact.var(axis=axes)
+        case = f"NHWC {'x'.join(map(str, shape))}, mean {offset:g} standard deviations"
+        print(f"[accuracy] {case}", flush=True)
+        results = {}
+        for name, role, recorded_mean, recorded_variance in \
+                contending.one_batch_statistics(x_np):
+            results[name] = {
+                "role": role,
+                "mean_error_std": float(np.max(np.abs(recorded_mean - mean)
+                                               / np.sqrt(variance))),
+                "variance_error": float(np.max(np.abs(recorded_variance - variance)
+                                               / variance))}
+            print(f"    {name:<26} mean {results[name]['mean_error_std']:9.2e} std, "
+                  f"variance {results[name]['variance_error']:9.2e}", flush=True)
+        run.report.groups.append({"section": "accuracy", "case": case,
+                                  "params": {"shape": list(shape), "offset": offset},
+                                  "contenders": results, "ratios": []})
+
+
 # ------------------------------------------------------------------ ghost
 
 
@@ -331,6 +367,13 @@ bandwidth measured in the same round-robin (copies of x are timed with
 the layers). Bytes, with S the size of x: training 8 S (statistics: read
 x; normalize: read x, write y; backward sums: read x, dy; dx: read x, dy,
 write dx), inference 2 S (read x, write y), a copy 2 S.""", part_of="layer"),
+    "accuracy": Section(section_accuracy, """\
+not a time: the moving mean and variance each layer records for one batch
+(momentum 0; PyTorch's 1) of NHWC 64x32x32x64 whose mean is 0, 1e2, 1e3
+and 1e4 standard deviations, against float64 statistics of the same
+float32 input: kerasbn, Keras 3, tf_keras (fused: oneDNN's kernel where
+TensorFlow turns oneDNN on) and PyTorch channels-last. The largest error
+of a channel: mean in standard deviations, variance relative."""),
     "ghost": Section(section_ghost, """\
 Ghost Batch Normalization: one layer's training step (as in "layer") on
 NHWC 64x32x32x64 with virtual batches of 8, kerasbn's against kerasbn
