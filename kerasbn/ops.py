@@ -335,7 +335,8 @@ def _values_per_channel(x, axes, dtype):
     per_row = _static_product(x.shape, axes[1:])
     if per_row is None:
         return tf.cast(tf.reduce_prod(tf.gather(tf.shape(x), axes)), dtype)
-    return tf.cast(tf.shape(x)[axes[0]], dtype) * per_row
+    rows = tf.cast(tf.shape(x)[axes[0]], dtype)
+    return rows if per_row == 1 else rows * per_row
 
 
 def _at_least_one(count):
@@ -492,8 +493,10 @@ def normalize_for_training(
     # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
     backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
 
+    # mean and inv_std come in from outside: their dependence on x is in the gradient
+    # below, and an input of their own would only get a zero gradient traced for it.
     @tf.custom_gradient
-    def _normalize(x, mean, inv_std, gamma, beta):
+    def _normalize(x, gamma, beta):
         y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
 
         def grad(dy):
@@ -511,11 +514,11 @@ def normalize_for_training(
                 mean_sums = tf.unstack(global_sums / _at_least_one(count))
                 dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
                                   compiled=compiled)
-            return dx, None, None, sum_dy_x_hat, sum_dy
+            return dx, sum_dy_x_hat, sum_dy
 
         return y, grad
 
-    return _normalize(x, mean, inv_std, gamma, beta)
+    return _normalize(x, gamma, beta)
 
 
 def _normalized(x, mean, inv_std):
