@@ -21,6 +21,8 @@ tf.config.set_logical_device_configuration(
     [tf.config.LogicalDeviceConfiguration()] * NUM_LOGICAL_CPUS,
 )
 
+import keras  # noqa: E402  (after the devices are split: it may start TensorFlow's runtime)
+
 
 SEED_VARIABLE = "KERASBN_TEST_SEED"
 # Modules whose runs take longest, started first so that the two processes of
@@ -41,12 +43,15 @@ def pytest_collection_modifyitems(items):
 def rng(request):
     """A NumPy generator with a fresh seed each run; the seed is printed on failure.
 
-    To replay a failure, run the test again with the printed seed:
+    The same seed seeds Keras (its initializers and dropout), TensorFlow, NumPy's and
+    Python's global generators, so that a test that builds layers replays too: run it
+    again with the printed seed,
     `KERASBN_TEST_SEED=<seed> .venv/bin/python -m pytest tests/<file>::<test>`.
     """
     replay = os.environ.get(SEED_VARIABLE)
     seed = int(replay) if replay else np.random.SeedSequence().entropy % (2**32)
     print(f"rng seed for {request.node.name}: {seed} (replay: {SEED_VARIABLE}={seed})")
+    keras.utils.set_random_seed(seed)
     return np.random.default_rng(seed)
 
 

@@ -85,11 +85,12 @@ def test_validation_and_checkpoints_see_population_statistics(rng, tmp_path):
         moved = batch_norm_values(copy_of(model, moving))
         assert all(not np.array_equal(value, moved[key])
                    for key, value in batch_norm_values(expected).items())
-        # ... and the validation loss of that epoch was computed with it.
+        # ... and the validation loss of that epoch was computed with it, not with the
+        # moving averages, whose loss is 10 times the comparison's tolerance away or more.
         population_loss = copy_of(model, population).evaluate(val_x, val_y, verbose=0)
         moving_loss = copy_of(model, moving).evaluate(val_x, val_y, verbose=0)
         assert history.history["val_loss"][epoch] == pytest.approx(population_loss, rel=1e-6)
-        assert abs(moving_loss - population_loss) > 1e-3 * population_loss
+        assert abs(moving_loss - population_loss) > 1e-5 * population_loss
 
     # The checkpoint after the last validation, and the model fit returns.
     saved = build_model()

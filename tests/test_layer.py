@@ -138,7 +138,10 @@ def test_step_by_step_equal_to_keras(rng, shape, axis, config):
             assert reference.relative_error(g_ours, g_stock) < 1e-4
         for w_ours, w_stock in zip(ours.weights, stock.weights):
             assert w_ours.name == w_stock.name
-            assert reference.relative_error(w_ours.numpy(), w_stock.numpy()) < 1e-5
+            # Every channel's moving mean can be near 0 at once: errors are measured
+            # against the data's scale too.
+            np.testing.assert_allclose(w_ours.numpy(), w_stock.numpy(), rtol=1e-5,
+                                       atol=1e-5 * np.abs(np.asarray(x)).mean())
     assert reference.relative_error(ours(x), stock(x)) < 1e-5
 
 
@@ -494,7 +497,7 @@ def test_mean_far_from_zero_keeps_the_variance(rng):
     x = (1e4 + rng.standard_normal((512, 8))).astype(np.float32)
     layer(x, training=True)
     ref_var = x.astype(np.float64).var(axis=0)
-    assert np.all(np.abs(layer.moving_variance.numpy() - ref_var) / ref_var <= 1e-5)
+    assert np.all(np.abs(layer.moving_variance.numpy() - ref_var) <= 1e-5 * ref_var)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])

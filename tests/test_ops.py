@@ -63,7 +63,7 @@ def test_variance_is_accurate_for_any_mean_to_std_ratio(rng, ratio, compiled, sh
     x = (ratio + rng.standard_normal(shape)).astype(np.float32)
     _, mean, var = ops.moments(tf.constant(x), (0, 1), compiled=compiled)
     _, ref_mean, ref_var = reference.moments(x, [2])
-    assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
+    assert np.all(np.abs(var.numpy() - ref_var) <= 1e-5 * ref_var)
     assert reference.relative_error(mean, ref_mean) < 1e-6
 
 
@@ -76,7 +76,7 @@ def test_moments_of_groups_summed_in_blocks_match_float64(rng, compiled):
     ref_count, ref_mean, ref_var = reference.moments(x, [0, 2])
     np.testing.assert_array_equal(count.numpy(), ref_count)
     assert reference.relative_error(mean, ref_mean) < 1e-6
-    assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
+    assert np.all(np.abs(var.numpy() - ref_var) <= 1e-5 * ref_var)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
@@ -88,8 +88,10 @@ def test_low_precision_inputs_accumulate_in_float32(rng, dtype, compiled):
     exact = tf.cast(x, tf.float64).numpy()
     _, ref_mean, ref_var = reference.moments(exact, [3])
     # TensorFlow's own reductions add 8192 terms one after another (error up to
-    # ~n·eps/2 in the worst case); XLA's add in a tree, an order of magnitude closer.
-    tolerance = 1e-5 if compiled else 1e-4
+    # n·eps/2 = 5e-4 in the worst case); XLA's add in a tree. On bfloat16's coarse grid
+    # the rounding errors are correlated (3e-5 compiled, 1.3e-4 as ops, seen in 5000
+    # draws); summing in bfloat16 or float16 would be off by 1e-2 or more.
+    tolerance = 1e-4 if compiled else 5e-4
     assert reference.relative_error(mean, ref_mean) < tolerance
     assert reference.relative_error(var, ref_var) < tolerance
 
@@ -135,7 +137,7 @@ def test_merged_moments_equal_those_of_the_whole(rng, sizes, loc):
     ref_count, ref_mean, ref_var = reference.moments(x, [1])
     np.testing.assert_array_equal(count.numpy(), ref_count)
     assert reference.relative_error(mean, ref_mean) < 1e-6
-    assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
+    assert np.all(np.abs(var.numpy() - ref_var) <= 1e-5 * ref_var)
 
 
 def test_merge_of_nothing_is_empty_not_nan():
@@ -352,5 +354,5 @@ def test_variance_survives_outliers_where_the_shift_is_sampled(rng, compiled):
     x[:3] += 500.0 * rng.standard_normal((3, 4)).astype(np.float32)
     _, mean, var = ops.moments(tf.constant(x), (0,), compiled=compiled)
     _, ref_mean, ref_var = reference.moments(x, [1])
-    assert np.all(np.abs(var.numpy() - ref_var) / ref_var <= 1e-5)
+    assert np.all(np.abs(var.numpy() - ref_var) <= 1e-5 * ref_var)
     assert reference.relative_error(mean, ref_mean) < 1e-6
