@@ -19,7 +19,6 @@ generated. Those private reads (`_nodes_by_depth`, `_functional`, `_keras_histor
 used, so that they can go when upstream offers them.
 """
 
-import contextlib
 import dataclasses
 import re
 import warnings
@@ -197,7 +196,6 @@ class _Copier:
         self.replace = replace
         self.copies = {}  # id(original) -> its copy (None: removed)
         self.pending = []  # (original, copy, weights: a list or a dict by name)
-        self.assigned_whole = set()  # ids of copies that get every weight's value
 
     def model(self, model, path):
         if isinstance(model, keras.Sequential):
@@ -219,8 +217,6 @@ class _Copier:
         if replacement is None:
             copy = operation.__class__.from_config(operation.get_config())
             replacement = Replacement(copy, operation.get_weights())
-            if operation.built:
-                self.assigned_whole.add(id(copy))
         if replacement.layer is not None and len(replacement.weights):
             self.pending.append((operation, replacement.layer, replacement.weights))
         return replacement.layer
@@ -232,8 +228,7 @@ class _Copier:
             first = model.inputs[0]
             layers.insert(0, keras.Input(batch_shape=first.shape, dtype=first.dtype,
                                          sparse=first.sparse, name=producer(first).name))
-        with self.initializers_skipped(layers):  # the Sequential builds them
-            return keras.Sequential(layers, name=model.name, trainable=model.trainable)
+        return keras.Sequential(layers, name=model.name, trainable=model.trainable)
 
     def _functional(self, model, path):
         inputs = keras.tree.map_structure(_input_like, model.input)
@@ -242,34 +237,10 @@ class _Copier:
             return self.copy(operation, path)
 
         def call(copy, *args, **kwargs):
-            if copy is None:
-                return args[0]
-            with self.initializers_skipped([copy]):  # the call builds it
-                return copy(*args, **kwargs)
+            return args[0] if copy is None else copy(*args, **kwargs)
 
         return keras.models.clone_model(model, input_tensors=inputs,
                                         clone_function=clone, call_function=call)
-
-    @contextlib.contextmanager
-    def initializers_skipped(self, layers):
-        """Builds those of `layers` that get every weight's value afterwards with zeros
-        instead of their initializers, which are put back (and in their configs) after.
-
-        Keras's random initializers draw a seed and random values for every weight, a
-        third of the time of converting MobileNetV2, values the assignment overwrites.
-        """
-        swapped = [(layer, name, initializer)
-                   for layer in layers if id(layer) in self.assigned_whole
-                   for name, initializer in list(vars(layer).items())
-                   if isinstance(initializer, keras.initializers.Initializer)]
-        zeros = keras.initializers.Zeros()
-        for layer, name, _ in swapped:
-            setattr(layer, name, zeros)
-        try:
-            yield
-        finally:
-            for layer, name, initializer in swapped:
-                setattr(layer, name, initializer)
 
     def assign_weights(self, caller):
         for original, copy, values in self.pending:

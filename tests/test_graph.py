@@ -156,35 +156,6 @@ def test_rebuild_replaces_and_removes_layers(rng):
         assert type(rebuilt) is type(candidate)
 
 
-def test_copies_are_built_without_drawing_initial_values_and_keep_their_initializers(rng):
-    """Copied layers get every weight's value, so they skip their (random) initializers;
-    a replacement keeps the initial values of the weights it is not given."""
-    inputs = keras.Input((3,), name="x")
-    hidden = keras.layers.Dense(4, kernel_initializer="he_normal", bias_initializer="ones",
-                                name="dense")(inputs)
-    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(hidden))
-    model.get_layer("dense").bias.assign(rng.normal(0.0, 1.0, 4))
-    gamma = rng.uniform(0.5, 1.5, 4)
-
-    def replace(layer, path):
-        if layer.name == "bn":
-            return _graph.Replacement(kerasbn.BatchNormalization(name="bn"), {"gamma": gamma})
-        return None
-
-    for candidate in (model, keras.Sequential([keras.Input((3,), name="x"),
-                                               *model.layers[1:]], name="chain")):
-        rebuilt = _graph.rebuild(candidate, replace, "caller")
-        original, copy = candidate.get_layer("dense"), rebuilt.get_layer("dense")
-        assert copy.get_config() == original.get_config()
-        assert isinstance(copy.kernel_initializer, keras.initializers.HeNormal)
-        for weight, expected in zip(copy.weights, original.weights):
-            np.testing.assert_array_equal(weight.numpy(), expected.numpy())
-        bn = rebuilt.get_layer("bn")
-        np.testing.assert_array_equal(bn.gamma.numpy(), gamma.astype(np.float32))
-        np.testing.assert_array_equal(bn.moving_variance.numpy(), np.ones(4))
-        np.testing.assert_array_equal(bn.beta.numpy(), np.zeros(4))
-
-
 def test_rebuild_refuses_a_replacement_without_a_weight_of_the_original():
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="dense")])
 
