@@ -7,7 +7,7 @@ import keras
 import tensorflow as tf
 
 from kerasbn import distribute
-from kerasbn import ops
+from kerasbn import normalization, ops
 from kerasbn import programs
 from kerasbn import virtual_batches
 
@@ -376,7 +376,7 @@ class BatchNormalization(keras.layers.Layer):
                 *ops.shifted_moments(x, layout.axes, weights, compiled=compiled)
             )
         gamma, beta = self._scaled_for_training(mean, variance)
-        outputs = ops.normalize_for_training(
+        outputs = normalization.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes,
             count=count, mask=weights,

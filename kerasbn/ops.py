@@ -1,7 +1,8 @@
 """The math of batch normalization, in pure TensorFlow.
 
 No Keras state and no `tf.distribute` here: every function maps tensors to tensors.
-Cross-replica code passes a `sum_across_replicas` callable where a sum must span replicas.
+The training-mode normalization and its hand-derived gradient are `normalization`'s; the
+per-channel sums under both are `sums`'.
 
 Notation (per channel, over the m values of every non-channel axis):
 
@@ -202,7 +203,7 @@ def _product(values):
     return result
 
 
-def _against(value, x, axes):
+def broadcast_against(value, x, axes):
     """A per-channel `value` (x reduced over `axes`, without kept dims) shaped to
     broadcast against x: as it is when every reduction axis comes before every
     channel axis (NumPy's right-aligned broadcasting does it), else with size-1 axes
@@ -293,9 +294,9 @@ def shifted_moments(x, axes, mask=None, *, compiled):
     sample, sample_most = _leading_sample(tf.cast(x, dtype), axes)
     if mask is None:
         count = _values_per_channel(x, axes, dtype)
-        divisor = _at_least_one(count)
+        divisor = at_least_one(count)
         if sample_most is None:
-            sample_divisor = _at_least_one(_values_per_channel(sample, axes, dtype))
+            sample_divisor = at_least_one(_values_per_channel(sample, axes, dtype))
         else:  # the sample holds min(count, most) values
             sample_divisor = _smaller(divisor, sample_most)
         # K only has to be near the mean; the moments do not depend on it, so neither
@@ -306,8 +307,8 @@ def shifted_moments(x, axes, mask=None, *, compiled):
             deviations = tf.cast(x, dtype) - shift
             return deviations, tf.square(deviations)
 
-        sum_d, sum_d2 = sums.channel_sums(deviation_terms, [x], [_against(shift, x, axes)],
-                                          axes, compiled)
+        sum_d, sum_d2 = sums.channel_sums(deviation_terms, [x],
+                                          [broadcast_against(shift, x, axes)], axes, compiled)
         count = _filled(shift, count)
     else:
         x = tf.cast(x, dtype)
@@ -315,7 +316,7 @@ def shifted_moments(x, axes, mask=None, *, compiled):
         sample_weights, _ = _leading_sample(weights, axes)
         shift = tf.math.divide_no_nan(tf.reduce_sum(sample * sample_weights, axes),
                                       tf.reduce_sum(sample_weights, axes))
-        deviations = x - _against(shift, x, axes)
+        deviations = x - broadcast_against(shift, x, axes)
         weighted = weights * deviations
         sum_d = tf.reduce_sum(weighted, axes)
         sum_d2 = tf.reduce_sum(weighted * deviations, axes)
@@ -339,7 +340,7 @@ def _values_per_channel(x, axes, dtype):
     return rows if per_row == 1 else rows * per_row
 
 
-def _at_least_one(count):
+def at_least_one(count):
     """max(count, 1), for a number or a tensor: the divisor that makes 0/0 a 0."""
     return max(count, 1.0) if isinstance(count, float) else tf.maximum(count, 1.0)
 
@@ -446,142 +447,6 @@ def affine(x, a, b, shape, *, compiled):
         shape.pop(0)
     y = tf.cast(x, a.dtype) * _reshaped(a, shape) + _reshaped(b, shape)
     return tf.cast(y, x.dtype)
-
-
-def normalize_for_training(
-    x, mean, variance, gamma, beta, *, epsilon, axes, count,
-    mask=None, sum_across_replicas=None, compiled=False,
-):
-    """y = γ·(x - mean)/sqrt(var + ε) + β with the batch's own statistics.
-
-    `mean` and `variance` are the batch statistics of `x` (from `moments`, or merged
-    across replicas); their dependence on `x` is part of the hand-derived gradient:
-
-        dβ = Σ dy        dγ = Σ dy·x̂
-        dx = γ/sqrt(var+ε) · (dy - w·(Σ dy + x̂·Σ dy·x̂)/m)
-
-    where w is the mask (1 without one) and m the number of values that entered the
-    statistics. Under synchronization the two sums in dx span every replica of the
-    group (`sum_across_replicas`), while dγ and dβ stay local: the optimizer's
-    all-reduce of gradients adds them up.
-
-    The backward pass recomputes x̂ from its inputs with differentiable ops, so a
-    gradient of this gradient (a gradient penalty) is exact.
-
-    Args:
-        x: the input, any float dtype.
-        mean, variance: batch statistics of the channel shape, statistics dtype.
-        gamma, beta: scale and offset of the channel shape, statistics dtype.
-        epsilon: the variance floor ε.
-        axes: the reduction axes.
-        count: number of values behind the statistics (m), channel shape.
-        mask: optional 0/1 weights broadcastable to `x`.
-        sum_across_replicas: optional callable summing a tensor of shape
-            [2, *channel_shape] over the replicas that share statistics.
-        compiled: run the forward pass and each part of the backward pass as XLA
-            programs (the cross-replica sum stays outside them).
-
-    Returns:
-        y, in the dtype of x.
-    """
-    inv_std = tf.math.rsqrt(variance + epsilon)
-    weights = None if mask is None else tf.cast(mask, mean.dtype)
-    axes = tuple(axes)
-    # Shaped to broadcast once: the forward and backward programs take them as they are.
-    mean, inv_std = _against(mean, x, axes), _against(inv_std, x, axes)
-    # TensorFlow traces a custom gradient at the graph's root; the backward's ops go
-    # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
-    backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
-
-    # mean and inv_std come in from outside: their dependence on x is in the gradient
-    # below, and an input of their own would only get a zero gradient traced for it.
-    @tf.custom_gradient
-    def _normalize(x, gamma, beta):
-        y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
-
-        def grad(dy):
-            with tf.name_scope(backward_scope):
-                return backward(dy)
-
-        def backward(dy):
-            if sum_across_replicas is None:
-                (sum_dy, sum_dy_x_hat), dx = _backward(
-                    x, dy, mean, inv_std, gamma, count, weights, axes, compiled=compiled)
-            else:
-                sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
-                                                      compiled=compiled)
-                global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
-                mean_sums = tf.unstack(global_sums / _at_least_one(count))
-                dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
-                                  compiled=compiled)
-            return dx, sum_dy_x_hat, sum_dy
-
-        return y, grad
-
-    return _normalize(x, gamma, beta)
-
-
-def _normalized(x, mean, inv_std):
-    """x̂ = (x - mean)·inv_std in the statistics dtype, mean and inv_std broadcast to x."""
-    return (tf.cast(x, mean.dtype) - mean) * inv_std
-
-
-@compilable
-def _normalize_forward(x, mean, inv_std, gamma, beta, axes, *, compiled):
-    """y = (x - mean)·(γ·inv_std) + β, returned in x's dtype; mean and inv_std shaped
-    to broadcast against x, γ and β per channel."""
-    scale = _against(gamma, x, axes) * inv_std
-    y = (tf.cast(x, mean.dtype) - mean) * scale + _against(beta, x, axes)
-    return tf.cast(y, x.dtype)
-
-
-def _backward_terms(dy, x_hat):
-    """What the backward pass sums per channel: dy and dy·x̂ (dy in x̂'s dtype)."""
-    dy = tf.cast(dy, x_hat.dtype)
-    return dy, dy * x_hat
-
-
-@compilable
-def _backward_sums(x, dy, mean, inv_std, axes, *, compiled):
-    """[Σ dy, Σ dy·x̂] per channel: the only reductions of the backward pass."""
-    def terms(x, dy, mean, inv_std):
-        return _backward_terms(dy, _normalized(x, mean, inv_std))
-
-    return sums.channel_sums(terms, [x, dy], [mean, inv_std], axes, compiled)
-
-
-@compilable
-def _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes, *, compiled,
-                 x_hat=None):
-    """dx = γ·inv_std·(dy - w·(mean(dy) + x̂·mean(dy·x̂))), from the (global) sums / m
-    (`mean_sums`, a pair); x̂ is recomputed unless given."""
-    if x_hat is None:
-        x_hat = _normalized(x, mean, inv_std)
-    mean_dy, mean_dy_x_hat = (_against(s, x, axes) for s in mean_sums)
-    correction = mean_dy + x_hat * mean_dy_x_hat
-    if weights is not None:
-        correction = weights * correction
-    dx = _against(gamma, x, axes) * inv_std * (tf.cast(dy, mean.dtype) - correction)
-    return tf.cast(dx, x.dtype)
-
-
-@compilable
-def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
-    """The sums and dx of one replica's backward pass, as one program when compiled.
-
-    Compiled, x̂ is recomputed where it is needed (XLA fuses it into each use, and the
-    blocked sums never hold it whole); as plain ops it is computed once and shared.
-    """
-    divisor = _at_least_one(count)
-    if compiled:
-        totals = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=True)
-        x_hat = None
-    else:
-        x_hat = _normalized(x, mean, inv_std)
-        totals = [tf.reduce_sum(t, axes) for t in _backward_terms(dy, x_hat)]
-    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [t / divisor for t in totals],
-                           weights, axes, compiled=compiled, x_hat=x_hat)
-    return totals, dx
 
 
 def renorm_correction(mean, variance, renorm_mean, renorm_stddev, *, epsilon,

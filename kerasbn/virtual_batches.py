@@ -11,7 +11,7 @@ Pure TensorFlow, as `ops`: no Keras state and no `tf.distribute`.
 
 import tensorflow as tf
 
-from kerasbn import ops
+from kerasbn import normalization, ops
 
 
 def normalize(x, weights, group_size, channel_axes, scale_and_offset, *, epsilon,
@@ -73,7 +73,7 @@ def _normalize_groups(x, weights, group_size, channel_axes, scale_and_offset, ep
     count, mean, variance = shifted[0], shifted[1] + shifted[2], shifted[3]
     gamma, beta = (tf.broadcast_to(t, tf.shape(mean))
                    for t in scale_and_offset(mean, variance))
-    outputs = ops.normalize_for_training(
+    outputs = normalization.normalize_for_training(
         grouped, mean, variance, gamma, beta,
         epsilon=epsilon, axes=layout.axes,
         count=count, mask=weights, compiled=compiled,

@@ -1,4 +1,4 @@
-"""kerasbn.ops: the math of batch normalization, against float64 references."""
+"""kerasbn.ops and kerasbn.normalization: the math of batch norm, against float64 references."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import tensorflow as tf
 
 import grids
 import reference
-from kerasbn import ops
+from kerasbn import normalization, ops
 from kerasbn import sums
 
 # (input shape, channel axes) of the shared grid, with a batch of 16.
@@ -152,7 +152,7 @@ def test_merge_of_nothing_is_empty_not_nan():
 def _train_forward(x, channel_axes, gamma, beta, epsilon, mask=None, compiled=False):
     axes, _, shape = _setup(x.shape, channel_axes)
     count, mean, var = ops.moments(x, axes, mask, compiled=compiled)
-    return ops.normalize_for_training(
+    return normalization.normalize_for_training(
         x, mean, var, gamma, beta, epsilon=epsilon, axes=axes,
         count=count, mask=mask, compiled=compiled,
     )
