@@ -42,8 +42,10 @@ def one_batch_statistics(x_np):
     layers = [("kerasbn", OURS, kerasbn.BatchNormalization, 1.0),
               ("keras", THEIRS, keras.layers.BatchNormalization, 1.0)]
     if tf_keras is not None:
-        layers.append(("tf_keras", THEIRS, lambda **options: tf_keras.layers.
-                       BatchNormalization(fused=True, **options), unbiased))
+        def fused(**options):
+            return tf_keras.layers.BatchNormalization(fused=True, **options)
+
+        layers.append(("tf_keras", THEIRS, fused, unbiased))
     recorded = []
     for name, role, make, factor in layers:
         layer = make(momentum=0.0, epsilon=EPSILON)

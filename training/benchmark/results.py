@@ -41,7 +41,7 @@ def layer_targets(group):
     1.2 times that floor plus the fastest TensorFlow contender's time above it.
     Inference, NHWC and dense: the layer as it comes (no whole-step XLA) against
     Keras's layer compiled whole (<= 1.0); where the least a layer as it comes can cost
-    (`contenders.LEAST_INFERENCE`, timed in the same run) is above Keras XLA, against
+    (`config.LEAST_INFERENCE`, timed in the same run) is above Keras XLA, against
     that least (<= 1.0)."""
     params, names = group["params"], group["contenders"]
     kind = params["shape_name"].split("-")[0]
