@@ -437,6 +437,18 @@ def test_first_step_command_is_what_the_child_parses():
                                              32, 2, 12.5)
 
 
+def test_first_step_build_times_the_conversion_of_a_converted_model_only():
+    import kerasbn
+
+    converted, convert_s = first_step.build("mobilenet", "kerasbn", (32, 32, 3))
+    assert convert_s > 0
+    assert any(isinstance(layer, kerasbn.BatchNormalization) for layer in converted.layers)
+    stock, stock_convert_s = first_step.build("mobilenet", "keras", (32, 32, 3))
+    assert stock_convert_s == 0.0
+    assert not any(isinstance(layer, kerasbn.BatchNormalization) for layer in stock.layers)
+    assert first_step.build("resnet", "kerasbn", (8, 8, 1))[1] == 0.0
+
+
 def test_first_step_section_alternates_processes_and_records_what_is_not_runnable(
         monkeypatch):
     launched = []
@@ -447,8 +459,9 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
         if replicas == 4 and bn == "kerasbn":
             return {"error": "InvalidArgumentError: Trying to access resource"}
         cost = {"kerasbn": 2.0, "keras": 4.0}[bn] + len(launched) / 100
-        return {"python_s": 0.1, "imports_s": 5.0, "build_s": 0.5, "fit_s": cost - 0.5,
-                "first_step_s": cost, "total_s": cost + 5.1}
+        convert_s = {"kerasbn": 0.25, "keras": 0.0}[bn]
+        return {"python_s": 0.1, "imports_s": 5.0, "build_s": 0.5, "convert_s": convert_s,
+                "fit_s": cost - 0.5, "first_step_s": cost, "total_s": cost + 5.1}
 
     monkeypatch.setattr(first_step, "run_fresh", run_fresh)
     cases = (config.FirstStepCase("resnet", 1, "off"), config.FirstStepCase("resnet", 4, "step"))
@@ -467,9 +480,16 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
         pytest.approx([2.01, 2.04, 2.05])
     assert one["contenders"]["kerasbn"]["median_ms"] == pytest.approx(2040)
     assert one["contenders"]["keras from process start"]["median_ms"] == pytest.approx(9130)
+    # The first step's parts: the build (conversion included) and compile + fit.
+    assert one["contenders"]["kerasbn build"]["median_ms"] == pytest.approx(500)
+    assert one["contenders"]["kerasbn compile and fit"]["median_ms"] == pytest.approx(1540)
+    assert one["contenders"]["kerasbn conversion"]["median_ms"] == pytest.approx(250)
+    assert "keras conversion" not in one["contenders"]  # nothing converted
     assert [(r["numerator"], r["denominator"]) for r in one["ratios"]] == [
-        ("kerasbn", "keras"), ("kerasbn from process start", "keras from process start")]
-    assert set(four["contenders"]) == {"keras", "keras from process start"}
+        ("kerasbn", "keras"), ("kerasbn from process start", "keras from process start"),
+        ("kerasbn build", "keras build"), ("kerasbn compile and fit", "keras compile and fit")]
+    assert set(four["contenders"]) == {"keras", "keras from process start", "keras build",
+                                       "keras compile and fit"}
     assert four["case"] == "resnet, 4 CPU replicas, jit_compile=True"
     assert run.report.skipped == [{
         "section": "first_step", "contender": f"kerasbn ({four['case']})",
@@ -605,11 +625,13 @@ def test_quick_run_timed_ghost_statistics_and_first_step(quick_run):
     (first,) = groups(document, "first_step")
     assert first["case"] == "resnet, 1 device, jit_compile=False"
     assert_timed(first, ["kerasbn", "keras", "kerasbn from process start",
-                         "keras from process start"])
+                         "keras from process start", "kerasbn build", "keras build",
+                         "kerasbn compile and fit", "keras compile and fit"])
     for bn in ("kerasbn", "keras"):
         (process,) = first["params"]["processes"][bn]
-        assert set(process) == {"python_s", "imports_s", "build_s", "fit_s",
+        assert set(process) == {"python_s", "imports_s", "build_s", "convert_s", "fit_s",
                                 "first_step_s", "total_s"}
+        assert process["convert_s"] == 0.0  # the ResNet is written with its batch norm
         assert process["build_s"] + process["fit_s"] == pytest.approx(process["first_step_s"])
         assert 0 < process["first_step_s"] < process["total_s"]
         assert first["contenders"][bn]["median_ms"] == pytest.approx(

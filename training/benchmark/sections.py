@@ -297,7 +297,8 @@ FIRST_STEP_XLA = {"off": "jit_compile=False", "step": "jit_compile=True",
 def section_first_step(run: Run):
     """For each of `config.first_step_cases`, the time to the end of a first `fit`
     of kerasbn's model and of the stock one, each in `config.first_step_reps` fresh
-    processes (alternating)."""
+    processes (alternating), with its parts (`FIRST_STEP_PARTS`) and, for a converted
+    model, the conversion's own time."""
     for case in run.config.first_step_cases:
         devices = "1 device" if case.replicas == 1 else f"{case.replicas} CPU replicas"
         name = f"{case.model}, {devices}, {FIRST_STEP_XLA[case.xla]}"
@@ -306,16 +307,26 @@ def section_first_step(run: Run):
         processes = fresh_processes(run, case, name)
         results = {}
         for bn, role in (("kerasbn", OURS), ("keras", THEIRS)):
-            if processes[bn]:
-                results[bn] = summarize(role, [p["first_step_s"] for p in processes[bn]])
-                results[f"{bn} from process start"] = summarize(
-                    role, [p["total_s"] for p in processes[bn]])
+            if not processes[bn]:
+                continue
+            for suffix, key in FIRST_STEP_PARTS:
+                results[bn + suffix] = summarize(role, [p[key] for p in processes[bn]])
+            if any(p["convert_s"] for p in processes[bn]):
+                results[f"{bn} conversion"] = summarize(
+                    role, [p["convert_s"] for p in processes[bn]])
         record(run.report, "first_step", name, results,
                params={**case._asdict(), "image": list(run.config.first_step_image),
                        "batch": run.config.first_step_batch,
                        "steps": run.config.first_step_steps, "processes": processes},
-               pairs=[("kerasbn", "keras"),
-                      ("kerasbn from process start", "keras from process start")])
+               pairs=[("kerasbn" + suffix, "keras" + suffix)
+                      for suffix, _ in FIRST_STEP_PARTS])
+
+
+# What the first_step section compares: the first step (from before the model is
+# built), from the process's start, and the first step's two parts: the build (with
+# the conversion, for a converted model) and compile + the first fit.
+FIRST_STEP_PARTS = (("", "first_step_s"), (" from process start", "total_s"),
+                    (" build", "build_s"), (" compile and fit", "fit_s"))
 
 
 def fresh_processes(run: Run, case: FirstStepCase, name: str):
