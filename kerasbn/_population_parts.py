@@ -157,7 +157,9 @@ def set_variable(variable, value):
 
 
 def read_variable(variable):
-    return components(variable)[0].numpy()
+    """The value of `variable` as it is read outside the replicas (for an on-read
+    variable that averages its copies, the average)."""
+    return np.asarray(variable.numpy() if isinstance(variable, keras.Variable) else variable)
 
 
 class Snapshot:

@@ -435,6 +435,51 @@ def test_one_collective_per_pass_and_no_traffic_for_moving_statistics(mirrored_s
     assert sum(keras_counts.values()) > 2  # 5 with Keras 3.15: 3 forward, 2 backward
 
 
+def test_unsynchronized_moving_statistics_cost_no_exchange(mirrored_strategy):
+    counts, _ = _count_exchanges_per_layer(mirrored_strategy, kerasbn.BatchNormalization)
+    assert counts == {"all_reduce": 0, "all_gather": 0, "merge_call": 0}
+
+
+@pytest.mark.parametrize("bessel_correction", [False, True])
+def test_unsynchronized_replicas_keep_their_own_statistics_and_read_as_their_average(
+        mirrored_strategy, rng, bessel_correction):
+    strategy, momentum, steps = mirrored_strategy, 0.6, 3
+    with strategy.scope():
+        layer = kerasbn.BatchNormalization(momentum=momentum,
+                                           bessel_correction=bessel_correction)
+        layer.build((None, 3))
+    _randomize(layer, rng)
+    copies = [[np.asarray(layer.moving_mean.numpy(), np.float64),
+               np.asarray(layer.moving_variance.numpy(), np.float64)]] * NUM_REPLICAS
+
+    @tf.function
+    def step(x):
+        return strategy.run(lambda x: layer(x, training=True), args=(x,))
+
+    for _ in range(steps):
+        # Each replica's batch has a mean and spread of its own.
+        parts = [(rng.standard_normal((6, 3)) * rng.uniform(0.5, 3.0)
+                  + rng.uniform(-5.0, 5.0)).astype(np.float32) for _ in range(NUM_REPLICAS)]
+        step(_per_replica(strategy, parts))
+        new_copies = []
+        for (old_mean, old_var), part in zip(copies, parts):
+            _, mean, var = reference.moments(part, [1])
+            if bessel_correction:
+                var = var * len(part) / (len(part) - 1)
+            new_copies.append([reference.moving_average(old_mean, mean, momentum),
+                               reference.moving_average(old_var, var, momentum)])
+        copies = new_copies
+    for k, variable in enumerate((layer.moving_mean, layer.moving_variance)):
+        for copy, expected in zip(_copies(variable), copies):
+            np.testing.assert_allclose(copy, expected[k], rtol=1e-5, atol=1e-6)
+        # Read, saved and served outside the replicas: the average of the copies, the
+        # moving average of the replicas' average statistics.
+        np.testing.assert_allclose(variable.numpy(),
+                                   np.mean([c[k] for c in copies], axis=0),
+                                   rtol=1e-5, atol=1e-6)
+    assert not np.allclose(_copies(layer.moving_mean)[0], _copies(layer.moving_mean)[1])
+
+
 # ------------------------------------------------------------------ saving and restoring
 
 
