@@ -1,41 +1,12 @@
-"""kerasbn.ops and kerasbn.normalization: the math of batch norm, against float64 references."""
+"""kerasbn.ops: moments, their merge, the inference affine, renorm, against float64 references."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import grids
 import reference
-from kerasbn import normalization, ops
-from kerasbn import sums
-
-# (input shape, channel axes) of the shared grid, with a batch of 16.
-LAYOUTS = [((16,) + shape, reference.channel_axes(len(shape) + 1, axis))
-           for shape, axis in grids.LAYOUTS]
-
-
-def _setup(shape, channel_axes):
-    rank = len(shape)
-    axes = ops.reduction_axes(rank, channel_axes)
-    channel_shape = [shape[a] for a in channel_axes]
-    return axes, channel_shape, ops.broadcast_shape(rank, channel_axes, channel_shape)
-
-
-# Large enough that compiled code sums it in blocks (sums.channel_sums), with a short last block.
-BLOCKED_SHAPE = (131, 64, 128)
-assert np.prod(BLOCKED_SHAPE) >= sums.MIN_BLOCKED_VALUES
-assert BLOCKED_SHAPE[0] % (sums.BLOCK_VALUES // (64 * 128)) != 0
-
-# The same with axis 0 kept (a ghost batch norm's view, [groups, rows, channels]): summed
-# in blocks group after group, each group with a short last block.
-GROUPED_BLOCKED_SHAPE = (4, 2053, 128)
-assert np.prod(GROUPED_BLOCKED_SHAPE) >= sums.MIN_BLOCKED_VALUES
-assert GROUPED_BLOCKED_SHAPE[1] % (sums.BLOCK_VALUES // 128) != 0
-
-
-def _random_input(rng, shape, loc=0.0, scale=1.0):
-    channel_offsets = rng.standard_normal(shape[-1])  # channels that differ from each other
-    return loc + scale * (rng.standard_normal(shape) + channel_offsets)
+from kerasbn import ops
+from op_cases import BLOCKED_SHAPE, GROUPED_BLOCKED_SHAPE, LAYOUTS, random_input, views
 
 
 # ------------------------------------------------------------------ moments
@@ -43,8 +14,8 @@ def _random_input(rng, shape, loc=0.0, scale=1.0):
 
 @pytest.mark.parametrize("shape,channel_axes", LAYOUTS)
 def test_moments_match_float64(rng, shape, channel_axes):
-    x = _random_input(rng, shape, loc=3.0, scale=2.0).astype(np.float32)
-    axes, _, _ = _setup(shape, channel_axes)
+    x = random_input(rng, shape, loc=3.0, scale=2.0).astype(np.float32)
+    axes, _, _ = views(shape, channel_axes)
     count, mean, var = ops.moments(tf.constant(x), axes)
     ref_count, ref_mean, ref_var = reference.moments(x, channel_axes)
     assert count.dtype == mean.dtype == var.dtype == tf.float32
@@ -71,7 +42,7 @@ def test_variance_is_accurate_for_any_mean_to_std_ratio(rng, ratio, compiled, sh
 def test_moments_of_groups_summed_in_blocks_match_float64(rng, compiled):
     """Axis 0 kept: every group has its own statistics, far apart, none mixed up."""
     group_means = 1e3 * rng.standard_normal((GROUPED_BLOCKED_SHAPE[0], 1, 1))
-    x = (group_means + _random_input(rng, GROUPED_BLOCKED_SHAPE)).astype(np.float32)
+    x = (group_means + random_input(rng, GROUPED_BLOCKED_SHAPE)).astype(np.float32)
     count, mean, var = ops.moments(tf.constant(x), (1,), compiled=compiled)
     ref_count, ref_mean, ref_var = reference.moments(x, [0, 2])
     np.testing.assert_array_equal(count.numpy(), ref_count)
@@ -82,7 +53,7 @@ def test_moments_of_groups_summed_in_blocks_match_float64(rng, compiled):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
 @pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
 def test_low_precision_inputs_accumulate_in_float32(rng, dtype, compiled):
-    x = tf.cast(_random_input(rng, (128, 8, 8, 4), loc=4.0), dtype)
+    x = tf.cast(random_input(rng, (128, 8, 8, 4), loc=4.0), dtype)
     _, mean, var = ops.moments(x, (0, 1, 2), compiled=compiled)
     assert mean.dtype == var.dtype == tf.float32
     exact = tf.cast(x, tf.float64).numpy()
@@ -97,7 +68,7 @@ def test_low_precision_inputs_accumulate_in_float32(rng, dtype, compiled):
 
 
 def test_float64_inputs_keep_float64_statistics(rng):
-    x = _random_input(rng, (32, 5))
+    x = random_input(rng, (32, 5))
     _, mean, var = ops.moments(tf.constant(x), [0])
     _, ref_mean, ref_var = reference.moments(x, [1])
     assert mean.dtype == tf.float64
@@ -106,11 +77,11 @@ def test_float64_inputs_keep_float64_statistics(rng):
 
 @pytest.mark.parametrize("shape,channel_axes", [((6, 10, 5), [2]), ((6, 5, 10), [1])])
 def test_masked_moments_ignore_masked_steps(rng, shape, channel_axes):
-    x = _random_input(rng, shape).astype(np.float32)
+    x = random_input(rng, shape).astype(np.float32)
     mask = rng.random((shape[0], 10)) < 0.6
     mask[0, 0] = True
     expanded = np.expand_dims(mask, channel_axes[0]).astype(np.float32)
-    axes, _, _ = _setup(shape, channel_axes)
+    axes, _, _ = views(shape, channel_axes)
     count, mean, var = ops.moments(tf.constant(x), axes, tf.constant(expanded))
     ref_count, ref_mean, ref_var = reference.moments(x, channel_axes, expanded)
     np.testing.assert_array_equal(count.numpy(), ref_count)
@@ -146,35 +117,13 @@ def test_merge_of_nothing_is_empty_not_nan():
         np.testing.assert_array_equal(t.numpy(), np.zeros(4))
 
 
-# ------------------------------------------------------------------ forward
-
-
-def _train_forward(x, channel_axes, gamma, beta, epsilon, mask=None, compiled=False):
-    axes, _, shape = _setup(x.shape, channel_axes)
-    count, mean, var = ops.moments(x, axes, mask, compiled=compiled)
-    return normalization.normalize_for_training(
-        x, mean, var, gamma, beta, epsilon=epsilon, axes=axes,
-        count=count, mask=mask, compiled=compiled,
-    )
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
-@pytest.mark.parametrize("shape,channel_axes", LAYOUTS)
-def test_training_forward_is_algorithm_1(rng, shape, channel_axes, compiled):
-    _, channel_shape, _ = _setup(shape, channel_axes)
-    x = _random_input(rng, shape, loc=-2.0, scale=3.0).astype(np.float32)
-    gamma = rng.uniform(0.5, 2.0, channel_shape).astype(np.float32)
-    beta = rng.standard_normal(channel_shape).astype(np.float32)
-    y = _train_forward(tf.constant(x), channel_axes, gamma, beta, 1e-3, compiled=compiled)
-    ref_y, *_ = reference.train_forward(x, channel_axes, gamma, beta, 1e-3)
-    assert y.dtype == tf.float32
-    assert reference.relative_error(y, ref_y) < 1e-5
+# ------------------------------------------------------------------ inference
 
 
 @pytest.mark.parametrize("shape,channel_axes", LAYOUTS)
 def test_inference_is_one_affine_algorithm_2(rng, shape, channel_axes):
-    _, channel_shape, bshape = _setup(shape, channel_axes)
-    x = _random_input(rng, shape).astype(np.float32)
+    _, channel_shape, bshape = views(shape, channel_axes)
+    x = random_input(rng, shape).astype(np.float32)
     gamma, beta, mean = (rng.standard_normal(channel_shape).astype(np.float32)
                          for _ in range(3))
     var = rng.uniform(0.1, 3.0, channel_shape).astype(np.float32)
@@ -184,144 +133,12 @@ def test_inference_is_one_affine_algorithm_2(rng, shape, channel_axes):
     assert reference.relative_error(y, ref_y) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [tf.float16, tf.bfloat16])
-def test_low_precision_output_keeps_input_dtype(rng, dtype):
-    x = tf.cast(_random_input(rng, (64, 6), loc=50.0, scale=4.0), dtype)
-    gamma, beta = tf.ones(6), tf.zeros(6)
-    y = _train_forward(x, [1], gamma, beta, 1e-3)
-    assert y.dtype == dtype
-    ref_y, *_ = reference.train_forward(tf.cast(x, tf.float64).numpy(), [1], np.ones(6),
-                                        np.zeros(6), 1e-3)
-    tolerance = 1e-2 if dtype == tf.bfloat16 else 2e-3
-    assert reference.relative_error(tf.cast(y, tf.float64), ref_y) < tolerance
-
-
-# ------------------------------------------------------------------ gradients
-
-
-def _plain_batch_norm(x, gamma, beta, axes, epsilon, mask=None):
-    """The textbook formula, differentiated by TensorFlow's autodiff."""
-    if mask is None:
-        mean, var = tf.nn.moments(x, axes, keepdims=True)
-    else:
-        count = tf.reduce_sum(tf.broadcast_to(mask, tf.shape(x)), axes, keepdims=True)
-        mean = tf.reduce_sum(mask * x, axes, keepdims=True) / count
-        var = tf.reduce_sum(mask * (x - mean) ** 2, axes, keepdims=True) / count
-    shape = mean.shape
-    return (tf.reshape(gamma, shape) * (x - mean) / tf.sqrt(var + epsilon)
-            + tf.reshape(beta, shape))
-
-
-def _gradients(fn, x, gamma, beta, upstream):
-    with tf.GradientTape() as tape:
-        tape.watch([x, gamma, beta])
-        loss = tf.reduce_sum(fn(x, gamma, beta) * upstream)
-    return tape.gradient(loss, [x, gamma, beta])
-
-
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
-@pytest.mark.parametrize("shape,channel_axes", LAYOUTS)
-def test_hand_derived_gradient_equals_autodiff_in_float64(rng, shape, channel_axes,
-                                                          compiled):
-    _check_gradient_against_autodiff(rng, shape, channel_axes, compiled)
-
-
-@pytest.mark.parametrize("shape,channel_axes", [(BLOCKED_SHAPE, [2]),
-                                                (GROUPED_BLOCKED_SHAPE, [0, 2])],
-                         ids=["blocks", "blocks-group-after-group"])
-def test_hand_derived_gradient_summed_in_blocks_equals_autodiff(rng, shape, channel_axes):
-    _check_gradient_against_autodiff(rng, shape, channel_axes, compiled=True)
-
-
-def _check_gradient_against_autodiff(rng, shape, channel_axes, compiled):
-    axes, channel_shape, _ = _setup(shape, channel_axes)
-    x = tf.constant(_random_input(rng, shape, loc=1.0, scale=2.0))
-    gamma = tf.constant(rng.uniform(0.5, 2.0, channel_shape))
-    beta = tf.constant(rng.standard_normal(channel_shape))
-    upstream = tf.constant(rng.standard_normal(shape))
-    ours = _gradients(
-        lambda *a: _train_forward(a[0], channel_axes, a[1], a[2], 1e-3, compiled=compiled),
-        x, gamma, beta, upstream)
-    plain = _gradients(lambda *a: _plain_batch_norm(*a, axes, 1e-3), x, gamma, beta,
-                       upstream)
-    for name, got, want in zip(("x", "gamma", "beta"), ours, plain):
-        assert reference.relative_error(got, want) <= 1e-10, name
-
-
-def test_masked_gradient_equals_autodiff_in_float64(rng):
-    x = tf.constant(_random_input(rng, (5, 8, 3)))
-    mask = tf.constant((rng.random((5, 8, 1)) < 0.7).astype(np.float64))
-    gamma, beta = tf.constant(rng.uniform(0.5, 2, 3)), tf.constant(rng.standard_normal(3))
-    upstream = tf.constant(rng.standard_normal((5, 8, 3)))
-    ours = _gradients(lambda *a: _train_forward(a[0], [2], a[1], a[2], 1e-3, mask),
-                      x, gamma, beta, upstream)
-    plain = _gradients(lambda *a: _plain_batch_norm(*a, [0, 1], 1e-3, mask),
-                       x, gamma, beta, upstream)
-    for got, want in zip(ours, plain):
-        assert reference.relative_error(got, want) <= 1e-10
-
-
-@pytest.mark.parametrize("shape,channel_axes", [((6, 4), [1]), ((3, 4, 2, 3), [3]),
-                                                ((3, 2, 4, 3), [1])])
-def test_gradient_matches_finite_differences(rng, shape, channel_axes):
-    _, channel_shape, _ = _setup(shape, channel_axes)
-    x = _random_input(rng, shape)
-    gamma = rng.uniform(0.5, 2.0, channel_shape)
-    beta = rng.standard_normal(channel_shape)
-    weights = tf.constant(rng.standard_normal(shape))  # makes the output a generic loss
-
-    def loss(x, gamma, beta):
-        y = _train_forward(x, channel_axes, gamma, beta, 1e-3)
-        return tf.reduce_sum(tf.sin(y) * weights)
-
-    theoretical, numerical = tf.test.compute_gradient(loss, [x, gamma, beta], delta=1e-6)
-    for got, want in zip(theoretical, numerical):
-        assert reference.relative_error(got, want) <= 1e-6
-
-
-@pytest.mark.parametrize("compiled,shape", [(False, (6, 3, 4)), (True, (6, 3, 4)),
-                                            (True, BLOCKED_SHAPE)],
-                         ids=["eager-ops", "xla", "xla-blocked"])
-def test_gradient_of_gradient_equals_autodiff(rng, compiled, shape):
-    """A gradient penalty: d/dθ ||dL/dx||² through the custom gradient is exact."""
-    channels = shape[-1]
-    x = tf.constant(_random_input(rng, shape))
-    gamma = tf.constant(rng.uniform(0.5, 2, channels))
-    beta = tf.constant(rng.standard_normal(channels))
-    weights = tf.constant(rng.standard_normal(shape))
-
-    def penalty(fn):
-        with tf.GradientTape() as outer:
-            outer.watch([x, gamma, beta])
-            with tf.GradientTape() as inner:
-                inner.watch(x)
-                loss = tf.reduce_sum(tf.sin(fn(x, gamma, beta)) * weights)
-            dx = inner.gradient(loss, x)
-            norm = tf.reduce_sum(dx * dx)
-        return outer.gradient(norm, [x, gamma, beta])
-
-    ours = penalty(lambda *a: _train_forward(a[0], [2], a[1], a[2], 1e-3, compiled=compiled))
-    plain = penalty(lambda *a: _plain_batch_norm(*a, [0, 1], 1e-3))
-    for got, want in zip(ours, plain):
-        assert reference.relative_error(got, want) <= 1e-9
-
-
-def test_gradient_in_low_precision_keeps_dtype(rng):
-    x = tf.cast(_random_input(rng, (32, 4)), tf.float16)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = _train_forward(x, [1], tf.ones(4), tf.zeros(4), 1e-3)
-    dx = tape.gradient(y, x, output_gradients=tf.cast(rng.standard_normal((32, 4)), y.dtype))
-    assert dx.dtype == tf.float16
-    assert np.all(np.isfinite(dx.numpy()))
-
-
 # ------------------------------------------------------------------ renorm and misc
 
 
 @pytest.mark.parametrize("clipping", [{}, {"rmin": 0.8, "rmax": 1.25, "dmax": 0.3}])
 def test_renorm_correction_matches_the_paper(rng, clipping):
-    x = _random_input(rng, (64, 5), loc=1.0, scale=1.5)
+    x = random_input(rng, (64, 5), loc=1.0, scale=1.5)
     state = {"renorm_mean": rng.standard_normal(5), "renorm_stddev": rng.uniform(0.5, 2, 5),
              "moving_mean": np.zeros(5), "moving_stddev": np.ones(5)}
     _, r_ref, d_ref, _ = reference.renorm_step(
