@@ -507,35 +507,47 @@ def _moving_statistics(model):
             for w in (layer.moving_mean, layer.moving_variance)]
 
 
+def _assert_copies_equal(model):
+    for layer in model.layers:
+        if isinstance(layer, kerasbn.BatchNormalization):
+            for variable in (layer.moving_mean, layer.moving_variance):
+                for copy in _copies(variable)[1:]:
+                    np.testing.assert_array_equal(copy, _copies(variable)[0])
+
+
+@pytest.mark.parametrize("synchronized", [True, False],
+                         ids=["synchronized", "unsynchronized"])
 def test_moving_statistics_save_and_restore_under_the_strategy(mirrored_strategy, rng,
-                                                               tmp_path):
+                                                               tmp_path, synchronized):
     strategy = mirrored_strategy
     x, y = _batches(rng, 2, 8)
     with strategy.scope():
-        model = _small_model()
+        model = _small_model(synchronized=synchronized)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-    stats = _moving_statistics(model)
+    stats = _moving_statistics(model)  # unsynchronized: the average of the copies
     assert not np.allclose(stats[0], 0.0)  # the moving statistics did move
-    expected = model.predict(x, batch_size=8, verbose=0)
+    # Unsynchronized, each replica predicts with its own copy until the model is
+    # restored with their average on every replica.
+    expected = model.predict(x, batch_size=8, verbose=0) if synchronized else None
 
     path = str(tmp_path / "model.keras")
     model.save(path)
     with strategy.scope():
         loaded = keras.models.load_model(path)
+    _assert_copies_equal(loaded)
     for a, b in zip(_moving_statistics(loaded), stats):
         np.testing.assert_array_equal(a, b)
+    if expected is None:
+        expected = loaded.predict(x, batch_size=8, verbose=0)
     np.testing.assert_array_equal(loaded.predict(x, batch_size=8, verbose=0), expected)
 
     checkpoint = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     with strategy.scope():
-        restored = _small_model()
+        restored = _small_model(synchronized=synchronized)
     tf.train.Checkpoint(model=restored).restore(checkpoint).expect_partial(
     ).assert_existing_objects_matched()
-    for layer in restored.layers:
-        if isinstance(layer, kerasbn.BatchNormalization):
-            for copy in _copies(layer.moving_mean)[1:]:
-                np.testing.assert_array_equal(copy, _copies(layer.moving_mean)[0])
+    _assert_copies_equal(restored)
     for a, b in zip(_moving_statistics(restored), stats):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(restored.predict(x, batch_size=8, verbose=0), expected)
