@@ -1,17 +1,14 @@
 """kerasbn.BatchNormalization: the Keras layer (weights, config, modes, moving statistics)."""
 
-import collections.abc
-import numbers
-
 import keras
 import tensorflow as tf
 
+from kerasbn import _arguments
 from kerasbn import distribute
 from kerasbn import normalization, ops
 from kerasbn import programs
 from kerasbn import virtual_batches
 
-_RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 # What get_config writes, in this order (Keras objects serialized).
 _CONFIG_ARGUMENTS = (
     "axis", "momentum", "epsilon", "center", "scale", "beta_initializer",
@@ -123,11 +120,12 @@ class BatchNormalization(keras.layers.Layer):
         virtual_batch_size=None, jit_compile="auto", fused=None, adjustment=None, **kwargs,
     ):
         super().__init__(**kwargs)
-        self._refuse_adjustment(adjustment)
+        check = _arguments.Checks(self.name)
+        check.refuse_adjustment(adjustment)
         self.supports_masking = True
-        self.axis = self._validated_axis(axis)
-        self.momentum = self._validated_momentum("momentum", momentum)
-        self.epsilon = self._validated_epsilon(epsilon)
+        self.axis = check.axis(axis)
+        self.momentum = check.momentum("momentum", momentum)
+        self.epsilon = check.epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
         self.beta_initializer = keras.initializers.get(beta_initializer)
@@ -140,113 +138,26 @@ class BatchNormalization(keras.layers.Layer):
         self.gamma_constraint = keras.constraints.get(gamma_constraint)
         self.synchronized = bool(synchronized)
         self.renorm = bool(renorm)
-        self.renorm_clipping = self._validated_renorm_clipping(renorm_clipping)
-        self.renorm_momentum = self._validated_momentum("renorm_momentum", renorm_momentum)
+        self.renorm_clipping = check.renorm_clipping(renorm_clipping)
+        self.renorm_momentum = check.momentum("renorm_momentum", renorm_momentum)
         self.bessel_correction = bool(bessel_correction)
-        self.sync_group_size = self._validated_sync_group_size(sync_group_size)
+        self.sync_group_size = check.sync_group_size(sync_group_size, self.synchronized)
         self.momentum_warmup = bool(momentum_warmup)
-        self.virtual_batch_size = self._validated_virtual_batch_size(virtual_batch_size)
-        self.jit_compile = self._validated_jit_compile(jit_compile)
+        self.virtual_batch_size = check.virtual_batch_size(virtual_batch_size, self.axis)
+        self.jit_compile = check.jit_compile(jit_compile)
         self.gamma = None
         self.beta = None
         self.moving_mean = None
         self.moving_variance = None
 
-    # ---------------------------------------------------------------- validation
-
-    def _argument_error(self, argument, value, allowed):
-        return ValueError(
-            f"BatchNormalization layer '{self.name}': argument `{argument}` must be "
-            f"{allowed}; received {argument}={value!r}."
-        )
-
-    def _validated_axis(self, axis):
-        axes = list(axis) if isinstance(axis, (list, tuple)) else [axis]
-        if not axes or not all(
-            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axes
-        ):
-            raise self._argument_error("axis", axis, "an int or a non-empty list of ints")
-        if len(set(axes)) != len(axes):
-            raise self._argument_error("axis", axis, "a list of distinct axes")
-        return [int(a) for a in axes] if isinstance(axis, (list, tuple)) else int(axis)
-
-    def _validated_momentum(self, argument, momentum):
-        if (not isinstance(momentum, numbers.Real) or isinstance(momentum, bool)
-                or not 0.0 <= momentum <= 1.0):
-            raise self._argument_error(argument, momentum, "a number in [0, 1]")
-        return float(momentum)
-
-    def _validated_epsilon(self, epsilon):
-        if not isinstance(epsilon, numbers.Real) or not epsilon > 0.0:
-            raise self._argument_error("epsilon", epsilon, "a number > 0")
-        return float(epsilon)
-
-    def _validated_renorm_clipping(self, clipping):
-        if clipping is None:
-            return {}
-        if (not isinstance(clipping, collections.abc.Mapping)
-                or set(clipping) - set(_RENORM_CLIPPING_KEYS)):
-            raise self._argument_error(
-                "renorm_clipping", clipping,
-                f"a dict with keys among {list(_RENORM_CLIPPING_KEYS)}",
-            )
-        clipping = {k: (None if v is None else float(v)) for k, v in clipping.items()}
-        rmin, rmax, dmax = (clipping.get(k) for k in ("rmin", "rmax", "dmax"))
-        if rmin is not None and rmax is not None and rmin > rmax:
-            raise self._argument_error("renorm_clipping", clipping, "rmin <= rmax")
-        if rmin is not None and rmin < 0:
-            raise self._argument_error("renorm_clipping", clipping, "rmin >= 0")
-        if dmax is not None and dmax < 0:
-            raise self._argument_error("renorm_clipping", clipping, "dmax >= 0")
-        return clipping
-
-    def _validated_jit_compile(self, jit_compile):
-        if isinstance(jit_compile, bool) or jit_compile == "auto":
-            return jit_compile
-        raise self._argument_error("jit_compile", jit_compile, 'True, False or "auto"')
-
-    def _validated_virtual_batch_size(self, size):
-        if size is None:
-            return None
-        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
-            raise self._argument_error("virtual_batch_size", size, "None or an int >= 1")
-        self._refuse_batch_axis(self.axis if isinstance(self.axis, list) else [self.axis],
-                                size)
-        return int(size)
-
-    def _refuse_batch_axis(self, axes, size, rank=None):
-        if size is not None and 0 in axes:
-            inputs = "" if rank is None else f" for inputs of rank {rank}"
-            raise self._argument_error(
-                "axis", self.axis, f"free of the batch axis 0{inputs} when "
-                f"virtual_batch_size={size} (the groups are formed along the batch axis)")
-
-    def _refuse_adjustment(self, adjustment):
-        if adjustment is not None:
-            raise self._argument_error(
-                "adjustment", adjustment,
-                "None: tf-keras's adjustment callable (a random per-batch rescaling of "
-                "the normalized values) is not supported; drop it from the config, or "
-                "apply the rescaling in a layer of your own after the batch norm")
-
-    def _validated_sync_group_size(self, size):
-        if size is None:
-            return None
-        if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
-            raise self._argument_error("sync_group_size", size, "None or an int >= 1")
-        if not self.synchronized:
-            raise self._argument_error(
-                "sync_group_size", size, "None unless synchronized=True"
-            )
-        return int(size)
-
     def _channel_axes_for_rank(self, rank):
         """The channel axes, made non-negative and sorted, for inputs of `rank`."""
+        check = _arguments.Checks(self.name)
         try:
             axes = ops.channel_axes(self.axis, rank)
         except ops.AxisError as error:
-            raise self._argument_error("axis", self.axis, error.allowed) from None
-        self._refuse_batch_axis(axes, self.virtual_batch_size, rank)
+            raise check.error("axis", self.axis, error.allowed) from None
+        check.refuse_batch_axis(self.axis, axes, self.virtual_batch_size, rank)
         return axes
 
     # ---------------------------------------------------------------- build
@@ -297,10 +208,7 @@ class BatchNormalization(keras.layers.Layer):
         # is the average of the copies, which is the moving average of the replicas'
         # average statistics (the update is linear), as tf.keras's layer kept it.
         # Averaging every update instead (ON_WRITE, aggregation "mean") costs two
-        # cross-replica reductions a layer and step: under MirroredStrategy on 4 CPU
-        # replicas, 2,080 of a MobileNetV2 step's 29,244 ops, and the project's ResNet
-        # 1.19x stock Keras's time to its first step against 1.00x (README,
-        # Performance).
+        # cross-replica reductions a layer and step (README, Performance: session 9).
         grouped = self.sync_group_size is not None
         aggregation = "only_first_replica" if self.synchronized and not grouped else "mean"
         with keras.name_scope(self.name, caller=self):
