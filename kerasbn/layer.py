@@ -357,29 +357,32 @@ class BatchNormalization(keras.layers.Layer):
 
         A batch with a non-finite statistic leaves every moving statistic at its last
         value; a channel with no values in the batch (every value masked) leaves that
-        channel's.
+        channel's. The statistics that move with one momentum move as one stacked
+        tensor: one check, one average and one choice for both.
         """
-        usable = tf.logical_and(ops.all_finite(mean, variance), count > 0)
         if self.bessel_correction:
             variance = variance * count / tf.maximum(count - 1.0, 1.0)
+        if self.renorm:
+            batch = tf.stack([mean, tf.sqrt(variance + self.epsilon)])  # mean, stddev
+        else:
+            batch = tf.stack([mean, variance])
+        usable = tf.logical_and(ops.all_finite(batch), count > 0)
         warmup = self._warmup_momentum(usable, mean.dtype) if self.momentum_warmup else None
 
-        def move(variable, value, momentum):
+        def move(variables, momentum):
             if warmup is not None:
                 momentum = warmup(momentum)
-            old = tf.cast(variable, value.dtype)
-            new = tf.where(usable, ops.moving_average(old, value, momentum), old)
-            variable.assign(tf.cast(new, variable.dtype))
+            old = tf.stack([tf.cast(variable, batch.dtype) for variable in variables])
+            new = tf.where(usable, ops.moving_average(old, batch, momentum), old)
+            for variable, value in zip(variables, tf.unstack(new)):
+                variable.assign(tf.cast(value, variable.dtype))
             return new
 
-        move(self.moving_mean, mean, self.momentum)
         if not self.renorm:
-            move(self.moving_variance, variance, self.momentum)
+            move([self.moving_mean, self.moving_variance], self.momentum)
             return
-        stddev = tf.sqrt(variance + self.epsilon)
-        move(self.renorm_mean, mean, self.renorm_momentum)
-        move(self.renorm_stddev, stddev, self.renorm_momentum)
-        moving_stddev = move(self.moving_stddev, stddev, self.momentum)
+        move([self.renorm_mean, self.renorm_stddev], self.renorm_momentum)
+        moving_stddev = move([self.moving_mean, self.moving_stddev], self.momentum)[1]
         self.moving_variance.assign(
             tf.cast(tf.nn.relu(moving_stddev * moving_stddev - self.epsilon),
                     self.moving_variance.dtype)

@@ -11,7 +11,7 @@ sum comes in as a `sum_across_replicas` callable.
 import tensorflow as tf
 
 from kerasbn import sums
-from kerasbn.ops import at_least_one, broadcast_against
+from kerasbn.ops import broadcast_against, per_value
 from kerasbn.programs import compilable
 
 
@@ -78,7 +78,7 @@ def normalize_for_training(
                 sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
                                                       compiled=compiled)
                 global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
-                mean_sums = tf.unstack(global_sums / at_least_one(count))
+                mean_sums = tf.unstack(per_value(global_sums, count))
                 dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
                                   compiled=compiled)
             return dx, sum_dy_x_hat, sum_dy
@@ -139,13 +139,12 @@ def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
     Compiled, x̂ is recomputed where it is needed (XLA fuses it into each use, and the
     blocked sums never hold it whole); as plain ops it is computed once and shared.
     """
-    divisor = at_least_one(count)
     if compiled:
         totals = _backward_sums.body(x, dy, mean, inv_std, axes, compiled=True)
         x_hat = None
     else:
         x_hat = _normalized(x, mean, inv_std)
         totals = [tf.reduce_sum(t, axes) for t in _backward_terms(dy, x_hat)]
-    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [t / divisor for t in totals],
+    dx = _backward_dx.body(x, dy, mean, inv_std, gamma, [per_value(t, count) for t in totals],
                            weights, axes, compiled=compiled, x_hat=x_hat)
     return totals, dx

@@ -293,15 +293,14 @@ def shifted_moments(x, axes, mask=None, *, compiled):
     axes = list(axes)
     sample, sample_most = _leading_sample(tf.cast(x, dtype), axes)
     if mask is None:
-        count = _values_per_channel(x, axes, dtype)
-        divisor = at_least_one(count)
+        m = _values_per_channel(x, axes, dtype)  # a number when x's shape tells
         if sample_most is None:
-            sample_divisor = at_least_one(_values_per_channel(sample, axes, dtype))
-        else:  # the sample holds min(count, most) values
-            sample_divisor = _smaller(divisor, sample_most)
+            sample_count = _values_per_channel(sample, axes, dtype)
+        else:  # the sample holds min(m, most) values
+            sample_count = _smaller(m, sample_most)
         # K only has to be near the mean; the moments do not depend on it, so neither
         # do their gradients.
-        shift = tf.stop_gradient(tf.reduce_sum(sample, axes) / sample_divisor)
+        shift = tf.stop_gradient(per_value(tf.reduce_sum(sample, axes), sample_count))
 
         def deviation_terms(x, shift):
             deviations = tf.cast(x, dtype) - shift
@@ -309,7 +308,7 @@ def shifted_moments(x, axes, mask=None, *, compiled):
 
         sum_d, sum_d2 = sums.channel_sums(deviation_terms, [x],
                                           [broadcast_against(shift, x, axes)], axes, compiled)
-        count = _filled(shift, count)
+        count = _filled(shift, m)
     else:
         x = tf.cast(x, dtype)
         weights = tf.broadcast_to(tf.cast(mask, dtype), tf.shape(x))
@@ -320,10 +319,9 @@ def shifted_moments(x, axes, mask=None, *, compiled):
         weighted = weights * deviations
         sum_d = tf.reduce_sum(weighted, axes)
         sum_d2 = tf.reduce_sum(weighted * deviations, axes)
-        count = tf.reduce_sum(weights, axes)
-        divisor = tf.maximum(count, 1.0)
-    offset = sum_d / divisor
-    variance = tf.maximum(sum_d2 - sum_d * offset, 0.0) / divisor
+        m = count = tf.reduce_sum(weights, axes)
+    offset = per_value(sum_d, m)
+    variance = per_value(tf.maximum(sum_d2 - sum_d * offset, 0.0), m)
     return count, shift, offset, variance
 
 
@@ -340,9 +338,16 @@ def _values_per_channel(x, axes, dtype):
     return rows if per_row == 1 else rows * per_row
 
 
-def at_least_one(count):
-    """max(count, 1), for a number or a tensor: the divisor that makes 0/0 a 0."""
-    return max(count, 1.0) if isinstance(count, float) else tf.maximum(count, 1.0)
+def per_value(total, count):
+    """total / count, and 0 where count is 0 (no values: "no data", never NaN).
+
+    Args:
+        total: a tensor.
+        count: a number, or a tensor that broadcasts against `total`.
+    """
+    if isinstance(count, float):
+        return total / max(count, 1.0)
+    return tf.math.divide_no_nan(total, tf.cast(count, total.dtype))
 
 
 def _smaller(a, b):
@@ -404,11 +409,10 @@ def merge_shifted_moments(counts, shifts, offsets, variances):
     reference_shift = tf.reduce_sum(largest * shifts, axis=0)
     deltas = (shifts - reference_shift) + offsets
     count = tf.reduce_sum(counts, axis=0)
-    divisor = tf.maximum(count, 1.0)
-    delta = tf.reduce_sum(counts * deltas, axis=0) / divisor
+    delta = per_value(tf.reduce_sum(counts * deltas, axis=0), count)
     within = tf.reduce_sum(counts * variances, axis=0)
     between = tf.reduce_sum(counts * tf.math.squared_difference(deltas, delta), axis=0)
-    return count, reference_shift, delta, (within + between) / divisor
+    return count, reference_shift, delta, per_value(within + between, count)
 
 
 def inference_coefficients(mean, variance, gamma, beta, epsilon):
@@ -482,6 +486,8 @@ def moving_average(average, value, momentum):
 def all_finite(*tensors):
     """A scalar bool: True when no element of any tensor is NaN or infinite."""
     first = tensors[0]
+    if len(tensors) == 1:
+        return tf.reduce_all(tf.math.is_finite(first))
     if first.shape.is_fully_defined() and all(
             t.dtype == first.dtype and t.shape == first.shape for t in tensors):
         return tf.reduce_all(tf.math.is_finite(tf.stack(tensors)))  # one reduction
