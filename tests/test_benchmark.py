@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from training.benchmark import cli, config, first_step, harness, optional, results, \
     sections
@@ -440,13 +441,22 @@ def test_first_step_command_is_what_the_child_parses():
 def test_first_step_build_times_the_conversion_of_a_converted_model_only():
     import kerasbn
 
-    converted, convert_s = first_step.build("mobilenet", "kerasbn", (32, 32, 3))
+    strategy = tf.distribute.get_strategy()  # the default: one device
+    converted, convert_s = first_step.build("mobilenet", "kerasbn", (32, 32, 3), strategy)
     assert convert_s > 0
     assert any(isinstance(layer, kerasbn.BatchNormalization) for layer in converted.layers)
-    stock, stock_convert_s = first_step.build("mobilenet", "keras", (32, 32, 3))
+    stock, stock_convert_s = first_step.build("mobilenet", "keras", (32, 32, 3), strategy)
     assert stock_convert_s == 0.0
     assert not any(isinstance(layer, kerasbn.BatchNormalization) for layer in stock.layers)
-    assert first_step.build("resnet", "kerasbn", (8, 8, 1))[1] == 0.0
+    assert first_step.build("resnet", "kerasbn", (8, 8, 1), strategy)[1] == 0.0
+
+
+def test_first_step_build_makes_the_trained_variables_in_the_strategy_scope(
+        mirrored_strategy):
+    for bn in first_step.BATCH_NORMS:
+        model, _ = first_step.build("mobilenet", bn, (32, 32, 3), mirrored_strategy)
+        assert all(isinstance(weight.value, tf.distribute.DistributedValues)
+                   for weight in model.weights), bn
 
 
 def test_first_step_section_alternates_processes_and_records_what_is_not_runnable(

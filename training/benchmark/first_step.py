@@ -14,7 +14,8 @@ parent's clock just before it started this process):
     python_s      until this module's first line: the interpreter's start-up
     imports_s     then TensorFlow, Keras (and kerasbn where the model needs it) imported,
                   the devices set up
-    build_s       then the model built (and converted), in the strategy's scope
+    build_s       then the model built (and converted), its variables made in the
+                  strategy's scope (a converted model's: its copy's, see `build`)
     convert_s     of build_s, the time `convert_to_kerasbn` took (0 when nothing is
                   converted: the stock models, and the ResNet written with kerasbn)
     fit_s         then `compile` and the first `fit` done
@@ -105,9 +106,14 @@ def run_fresh(argv, timeout):
     return {"error": stderr[-1] if stderr else f"exit status {process.returncode}"}
 
 
-def build(model_name, bn, image):
-    """The model of the configuration, uncompiled: MobileNetV2 (converted to kerasbn for
-    `bn` "kerasbn"), or the ResNet with `bn`'s batch norms.
+def build(model_name, bn, image, strategy):
+    """The model of the configuration, uncompiled, its variables made in `strategy`'s
+    scope: MobileNetV2 (converted to kerasbn for `bn` "kerasbn"), or the ResNet with
+    `bn`'s batch norms.
+
+    The converted MobileNetV2 is made as README shows a user (Distributed training,
+    "Converting an existing model"): the stock model built outside the scope, its
+    copy, the model that trains, made inside it by `convert_to_kerasbn`.
 
     Returns:
         `(model, convert_s)`: the model, and the seconds its conversion took (0.0 when
@@ -118,15 +124,19 @@ def build(model_name, bn, image):
     if model_name == "resnet":
         from training.models import build_model
 
-        return build_model("resnet", image, NUM_CLASSES, bn=bn), 0.0
-    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=image, weights=None,
-                                           classes=NUM_CLASSES)
+        with strategy.scope():
+            return build_model("resnet", image, NUM_CLASSES, bn=bn), 0.0
     if bn != "kerasbn":
-        return model, 0.0
+        with strategy.scope():
+            return keras.applications.MobileNetV2(
+                alpha=0.35, input_shape=image, weights=None, classes=NUM_CLASSES), 0.0
     import kerasbn
 
+    base = keras.applications.MobileNetV2(alpha=0.35, input_shape=image, weights=None,
+                                          classes=NUM_CLASSES)
     started = time.perf_counter()
-    model = kerasbn.convert_to_kerasbn(model, synchronized=False)
+    with strategy.scope():
+        model = kerasbn.convert_to_kerasbn(base, synchronized=False)
     return model, time.perf_counter() - started
 
 
@@ -147,8 +157,7 @@ def first_fit(args, spawned_at):
     x = rng.standard_normal((args.batch * args.steps,) + image, dtype=np.float32)
     y = rng.integers(0, NUM_CLASSES, len(x)).astype(np.int32)
     imported = time.time()
-    with strategy.scope():
-        model, convert_s = build(args.model, args.bn, image)
+    model, convert_s = build(args.model, args.bn, image, strategy)
     built = time.time()
     with strategy.scope():
         model.compile(optimizer=keras.optimizers.SGD(0.01),
