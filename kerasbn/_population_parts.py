@@ -1,7 +1,7 @@
 """The parts of a population-statistics pass (`kerasbn.statistics`) below the pass itself.
 
 Argument errors; finding a model's batch norms; reading and writing their variables
-component by component; turning `data` into batches; patching the batch norms' `call`
+component by component, and writing a layer's new statistics; turning `data` into batches; patching the batch norms' `call`
 for the pass (training mode, statistics held, the input's moments collected); and the
 moments of one replica's batch. `kerasbn.statistics` holds the pass and what it returns.
 """
@@ -17,6 +17,7 @@ import tensorflow as tf
 from kerasbn import _graph
 from kerasbn import ops
 from kerasbn import programs
+from kerasbn._population_summary import LayerStatistics
 from kerasbn.layer import BatchNormalization
 
 DEFAULT_BATCH_SIZE = 32
@@ -173,6 +174,48 @@ class Snapshot:
     def restore(self):
         for component, value in self._saved:
             component.assign(value)
+
+
+def set_statistics(layer, count, mean, variance, old_mean, old_variance):
+    """Writes a layer's new statistics (channels with no value keep theirs).
+
+    Args:
+        layer: the batch norm.
+        count, mean, variance: the population's, per channel (float64 NumPy arrays).
+        old_mean, old_variance: the moving statistics before the pass.
+
+    Returns:
+        The layer's `LayerStatistics`: the values counted and how far its statistics
+        moved.
+    """
+    epsilon = float(layer.epsilon)
+    present = count > 0
+    if not np.any(present):
+        return LayerStatistics(layer.name, 0, 0.0, 0.0, updated=False)
+    if getattr(layer, "bessel_correction", False):
+        variance = variance * count / np.maximum(count - 1.0, 1.0)
+    dtype = layer.moving_mean.dtype
+    dtype = np.dtype(dtype if isinstance(dtype, str) else tf.as_dtype(dtype).as_numpy_dtype)
+    new_mean = np.where(present, mean, old_mean).astype(dtype)
+    if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
+        old_stddev = read_variable(layer.moving_stddev)
+        stddev = np.where(present, np.sqrt(variance + epsilon), old_stddev).astype(dtype)
+        # As the layer keeps it: relu(moving_stddev² − ε), in the variable's dtype.
+        new_variance = np.maximum(stddev * stddev - dtype.type(epsilon), 0).astype(dtype)
+        set_variable(layer.moving_stddev, stddev)
+        set_variable(layer.renorm_stddev,
+                     np.where(present, stddev, read_variable(layer.renorm_stddev)))
+        set_variable(layer.renorm_mean,
+                     np.where(present, new_mean, read_variable(layer.renorm_mean)))
+    else:
+        new_variance = np.where(present, variance, old_variance).astype(dtype)
+    set_variable(layer.moving_mean, new_mean)
+    set_variable(layer.moving_variance, new_variance)
+    new_mean64, new_variance64 = new_mean.astype(np.float64), new_variance.astype(np.float64)
+    mean_change = np.abs(new_mean64 - old_mean) / np.sqrt(new_variance64 + epsilon)
+    variance_change = np.abs(new_variance64 - old_variance) / (np.abs(old_variance) + epsilon)
+    return LayerStatistics(layer.name, int(np.min(count[present])),
+                           float(np.max(mean_change)), float(np.max(variance_change)))
 
 
 # ---------------------------------------------------------------------- data

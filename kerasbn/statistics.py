@@ -41,10 +41,12 @@ measures something else (its stddev takes in the variance between batch means,
 renorm's averages the per-batch stddevs, which is smaller at small batches).
 
 The parts below the pass (argument errors, finding batch norms, variables by
-component, data, patching, one replica's moments) are in `kerasbn._population_parts`.
+component, writing a layer's new statistics, data, patching, one replica's moments)
+are in `kerasbn._population_parts`; what a pass returns (`StatisticsSummary`, a
+`LayerStatistics` per layer) is in `kerasbn._population_summary`, and importable
+from here.
 """
 
-import dataclasses
 import functools
 import threading
 import warnings
@@ -57,97 +59,9 @@ import tensorflow as tf
 from kerasbn import _population_parts as parts
 from kerasbn import distribute
 from kerasbn import ops
+from kerasbn._population_summary import LayerStatistics, StatisticsSummary  # noqa: F401
 
 is_batch_norm = parts.is_batch_norm  # kerasbn's and Keras's BatchNormalization
-
-
-# ---------------------------------------------------------------------- the summary
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerStatistics:
-    """What a pass did to one batch norm.
-
-    Attributes:
-        name: the layer's name.
-        count: values per channel that entered the statistics (examples for a batch
-            norm after a Dense layer; examples × positions after a convolution; masked
-            values left out). The smallest over channels if they differ.
-        mean_change: the largest change of the moving mean over channels, in units of
-            the channel's new standard deviation sqrt(var + ε).
-        variance_change: the largest relative change of the moving variance over
-            channels, |new − old| / (old + ε).
-        updated: False when no value reached the layer (its statistics were kept).
-    """
-
-    name: str
-    count: int
-    mean_change: float
-    variance_change: float
-    updated: bool = True
-
-
-@dataclasses.dataclass(frozen=True)
-class StatisticsSummary:
-    """What `recompute_statistics` did, layer by layer; printing it shows a table.
-
-    Iterating gives the `LayerStatistics` of every recomputed layer; `summary["name"]`
-    the one of a layer by name.
-
-    Attributes:
-        layers: a `LayerStatistics` per recomputed batch norm, in model order.
-        batches: steps run (global batches under a strategy).
-        examples: examples whose activations entered the statistics.
-        skipped_batches: batches left out because an activation entering a batch norm
-            was not finite (under a strategy, counted per replica: each replica's part
-            of a global batch is kept or left out on its own).
-        frozen: names of batch norms with `trainable=False`, left as they were (they
-            run in inference mode in training and keep their statistics).
-        renorm_kept: names of renorm layers left as they were (`recompute_renorm`
-            False): they ran in training mode in the pass, as in training.
-    """
-
-    layers: tuple
-    batches: int
-    examples: int
-    skipped_batches: int
-    frozen: tuple = ()
-    renorm_kept: tuple = ()
-
-    def __iter__(self):
-        return iter(self.layers)
-
-    def __len__(self):
-        return len(self.layers)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            for layer in self.layers:
-                if layer.name == key:
-                    return layer
-            raise KeyError(key)
-        return self.layers[key]
-
-    def __str__(self):
-        lines = [
-            f"Population statistics over {self.batches} batches ({self.examples} examples"
-            f", {self.skipped_batches} skipped as not finite):"
-        ]
-        width = max([len("layer")] + [len(layer.name) for layer in self.layers])
-        lines.append(f"  {'layer':<{width}}  {'values/channel':>14}  "
-                     f"{'mean change (std)':>17}  {'variance change':>15}")
-        for layer in self.layers:
-            if layer.updated:
-                lines.append(f"  {layer.name:<{width}}  {layer.count:>14}  "
-                             f"{layer.mean_change:>17.3g}  {layer.variance_change:>15.3g}")
-            else:
-                lines.append(f"  {layer.name:<{width}}  {0:>14}  {'(no values: kept)':>34}")
-        if self.frozen:
-            lines.append(f"  frozen, kept: {', '.join(self.frozen)}")
-        if self.renorm_kept:
-            lines.append(f"  renorm, kept (recompute_renorm=True recomputes them): "
-                         f"{', '.join(self.renorm_kept)}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------- the entry point
@@ -476,7 +390,7 @@ class PopulationPass:
         results = []
         for layer, (count, mean, variance), (old_mean, old_variance) in zip(
                 self.layers, moments, old):
-            results.append(_set_statistics(layer, count, mean, variance, old_mean,
+            results.append(parts.set_statistics(layer, count, mean, variance, old_mean,
                                            old_variance))
         return self._summary(tuple(results), batches, examples, skipped)
 
@@ -485,35 +399,3 @@ class PopulationPass:
             layers=results, batches=batches, examples=examples, skipped_batches=skipped,
             frozen=tuple(layer.name for layer in self.frozen),
             renorm_kept=tuple(layer.name for layer in self.renorm_kept))
-
-
-def _set_statistics(layer, count, mean, variance, old_mean, old_variance):
-    """Writes a layer's new statistics (channels with no value keep theirs)."""
-    epsilon = float(layer.epsilon)
-    present = count > 0
-    if not np.any(present):
-        return LayerStatistics(layer.name, 0, 0.0, 0.0, updated=False)
-    if getattr(layer, "bessel_correction", False):
-        variance = variance * count / np.maximum(count - 1.0, 1.0)
-    dtype = layer.moving_mean.dtype
-    dtype = np.dtype(dtype if isinstance(dtype, str) else tf.as_dtype(dtype).as_numpy_dtype)
-    new_mean = np.where(present, mean, old_mean).astype(dtype)
-    if getattr(layer, "renorm", False) and hasattr(layer, "moving_stddev"):
-        old_stddev = parts.read_variable(layer.moving_stddev)
-        stddev = np.where(present, np.sqrt(variance + epsilon), old_stddev).astype(dtype)
-        # As the layer keeps it: relu(moving_stddev² − ε), in the variable's dtype.
-        new_variance = np.maximum(stddev * stddev - dtype.type(epsilon), 0).astype(dtype)
-        parts.set_variable(layer.moving_stddev, stddev)
-        parts.set_variable(layer.renorm_stddev,
-                      np.where(present, stddev, parts.read_variable(layer.renorm_stddev)))
-        parts.set_variable(layer.renorm_mean,
-                      np.where(present, new_mean, parts.read_variable(layer.renorm_mean)))
-    else:
-        new_variance = np.where(present, variance, old_variance).astype(dtype)
-    parts.set_variable(layer.moving_mean, new_mean)
-    parts.set_variable(layer.moving_variance, new_variance)
-    new_mean64, new_variance64 = new_mean.astype(np.float64), new_variance.astype(np.float64)
-    mean_change = np.abs(new_mean64 - old_mean) / np.sqrt(new_variance64 + epsilon)
-    variance_change = np.abs(new_variance64 - old_variance) / (np.abs(old_variance) + epsilon)
-    return LayerStatistics(layer.name, int(np.min(count[present])),
-                           float(np.max(mean_change)), float(np.max(variance_change)))
