@@ -344,9 +344,12 @@ def per_value(total, count):
     Args:
         total: a tensor.
         count: a number, or a tensor that broadcasts against `total`.
+
+    Returns:
+        A tensor of `total`'s dtype.
     """
-    if isinstance(count, float):
-        return total / max(count, 1.0)
+    if isinstance(count, (int, float)):
+        return total / max(float(count), 1.0)
     return tf.math.divide_no_nan(total, tf.cast(count, total.dtype))
 
 

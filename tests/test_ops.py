@@ -158,10 +158,31 @@ def test_moving_average_weights_the_old_value_by_momentum():
     assert float(ops.moving_average(tf.constant(2.0), tf.constant(4.0), 0.75)) == 2.5
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("count_kind", ["float", "int", "tensor with zeros"])
+def test_per_value_divides_by_the_count_and_gives_zero_where_nothing_was_counted(
+        rng, dtype, count_kind):
+    total = (1e3 * rng.standard_normal(6)).astype(dtype)
+    if count_kind == "tensor with zeros":
+        count = rng.integers(0, 5, 6).astype(dtype)
+        count[rng.integers(0, 6)] = 0.0
+        argument = tf.constant(count)
+    else:
+        count = np.full(6, float(rng.integers(1, 5000)))
+        argument = float(count[0]) if count_kind == "float" else int(count[0])
+    result = ops.per_value(tf.constant(total), argument)
+    assert result.dtype == tf.as_dtype(dtype)
+    expected = np.where(count > 0, total.astype(np.float64) / np.maximum(count, 1.0), 0.0)
+    tolerance = np.finfo(dtype).eps * np.abs(expected)
+    assert np.all(np.abs(result.numpy() - expected) <= tolerance)
+    assert np.all(result.numpy()[count == 0] == 0.0)
+
+
 def test_all_finite_detects_nan_and_inf():
     assert bool(ops.all_finite(tf.ones(3), tf.ones(2)))
     assert not bool(ops.all_finite(tf.ones(3), tf.constant([1.0, np.nan])))
     assert not bool(ops.all_finite(tf.constant([np.inf])))
+    assert bool(ops.all_finite(tf.ones([2, 3])))  # one tensor: one check, no stack
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
