@@ -1,9 +1,10 @@
 """The parts of a population-statistics pass (`kerasbn.statistics`) below the pass itself.
 
 Argument errors; finding a model's batch norms; reading and writing their variables
-component by component, and writing a layer's new statistics; turning `data` into batches; patching the batch norms' `call`
-for the pass (training mode, statistics held, the input's moments collected); and the
-moments of one replica's batch. `kerasbn.statistics` holds the pass and what it returns.
+component by component, and writing a layer's new statistics; turning `data` into
+batches; patching the batch norms' `call` for the pass (training mode, statistics held,
+the input's moments collected); and the moments of one replica's batch.
+`kerasbn.statistics` holds the pass and what it returns.
 """
 
 import functools
