@@ -4,7 +4,7 @@ import keras
 import tensorflow as tf
 
 from kerasbn import _arguments
-from kerasbn import distribute
+from kerasbn import distribute, fused_kernel
 from kerasbn import normalization, ops
 from kerasbn import programs
 from kerasbn import virtual_batches
@@ -290,12 +290,14 @@ class BatchNormalization(keras.layers.Layer):
                 *ops.shifted_moments(x, layout.axes, weights, compiled=compiled)
             )
         gamma, beta = self._scaled_for_training(mean, variance)
+        fused = (group is None and weights is None and layout.axes == (0,)
+                 and fused_kernel.applies(self.jit_compile, inputs.shape, inputs.dtype))
         outputs = normalization.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes,
             count=count, mask=weights,
             sum_across_replicas=None if group is None else group.sum,
-            compiled=compiled,
+            compiled=compiled, fused=fused,
         )
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
         return self._layout.unview(outputs, inputs)

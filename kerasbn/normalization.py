@@ -10,14 +10,14 @@ sum comes in as a `sum_across_replicas` callable.
 
 import tensorflow as tf
 
-from kerasbn import sums
+from kerasbn import fused_kernel, sums
 from kerasbn.ops import broadcast_against, per_value
 from kerasbn.programs import compilable
 
 
 def normalize_for_training(
     x, mean, variance, gamma, beta, *, epsilon, axes, count,
-    mask=None, sum_across_replicas=None, compiled=False,
+    mask=None, sum_across_replicas=None, compiled=False, fused=False,
 ):
     """y = γ·(x - mean)/sqrt(var + ε) + β with the batch's own statistics.
 
@@ -47,18 +47,34 @@ def normalize_for_training(
             [2, *channel_shape] over the replicas that share statistics.
         compiled: run the forward pass and each part of the backward pass as XLA
             programs (the cross-replica sum stays outside them).
+        fused: run the forward and backward passes on TensorFlow's fused kernels
+            (`fused_kernel.normalize`, the same gradient); only for a float32 x of
+            shape [rows, channels], unmasked and unsynchronized (see
+            `fused_kernel.applies`).
 
     Returns:
         y, in the dtype of x.
+
+    Raises:
+        ValueError: `fused` with a mask, a cross-replica sum or axes other than (0,).
     """
+    # TensorFlow traces a custom gradient at the graph's root; the backward's ops go
+    # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
+    backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
+    if fused:
+        if mask is not None or sum_across_replicas is not None or tuple(axes) != (0,):
+            raise ValueError(
+                "normalize_for_training: argument `fused` needs a [rows, channels] input "
+                "(axes (0,)), no mask and no cross-replica sum; received "
+                f"axes={tuple(axes)}, mask={'given' if mask is not None else None}, "
+                f"sum_across_replicas={sum_across_replicas}.")
+        return fused_kernel.normalize(x, mean, variance, gamma, beta, epsilon=epsilon,
+                                      backward_scope=backward_scope)
     inv_std = tf.math.rsqrt(variance + epsilon)
     weights = None if mask is None else tf.cast(mask, mean.dtype)
     axes = tuple(axes)
     # Shaped to broadcast once: the forward and backward programs take them as they are.
     mean, inv_std = broadcast_against(mean, x, axes), broadcast_against(inv_std, x, axes)
-    # TensorFlow traces a custom gradient at the graph's root; the backward's ops go
-    # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
-    backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
 
     # mean and inv_std come in from outside: their dependence on x is in the gradient
     # below, and an input of their own would only get a zero gradient traced for it.

@@ -25,7 +25,7 @@ def compilable(fn):
     by_signature = {}
 
     def call(*args, compiled=False, **kwargs):
-        if not compiled or _in_xla_program():
+        if not compiled or in_xla_program():
             return fn(*args, compiled=compiled, **kwargs)
         key = _signature((args, sorted(kwargs.items())))
         program = by_signature.get(key)
@@ -78,7 +78,7 @@ def compiles(jit_compile, shape):
     return worth_compiling(shape) if jit_compile == "auto" else jit_compile
 
 
-def _in_xla_program():
+def in_xla_program():
     """True while tracing code that XLA compiles as a whole (a `tf.function` with
     `jit_compile=True`, such as a model compiled with `jit_compile=True`): a piece
     traced there is compiled with it, and a program of its own would only cost a

@@ -54,6 +54,9 @@ CONTRACT_CONFIGS = [
     ({"renorm": True, "renorm_clipping": {"rmax": 2.0, "rmin": 0.5, "dmax": 1.0}}, (5,)),
     ({"synchronized": True, "sync_group_size": 2}, (4, 3)),
     ({"gamma_regularizer": "l2", "beta_constraint": "non_neg"}, (5,)),
+    # from 131,072 values a step (the batch unknown, counted as 32) on oneDNN's kernels
+    ({}, (16, 16, 16)),
+    ({"momentum_warmup": True, "epsilon": 1e-5}, (64, 64)),
 ]
 
 

@@ -1,0 +1,135 @@
+"""When and how a batch norm's training step runs on TensorFlow's fused kernels.
+
+On a CPU where TensorFlow runs oneDNN (it prints "oneDNN custom operations are on"
+at start-up; the default on recent x86 CPUs), `FusedBatchNormV3` and
+`FusedBatchNormGradV3` are oneDNN's hand-written kernels, faster than anything XLA or
+plain ops make of the same passes. What they compute as statistics is not what
+kerasbn promises: one pass of E[x²] - E[x]², off by 0.08 standard deviations in the
+mean and 0.6 % in the variance for data whose mean is 10⁴ standard deviations
+(README, Performance, the accuracy table). So kerasbn never lets them compute
+statistics. It gives them its own exact batch mean and variance:
+
+    y  = FusedBatchNormV3(x, γ, β, mean, variance, is_training=False)
+    dx, dγ, dβ = FusedBatchNormGradV3(dy, x, γ, mean, variance, is_training=True)
+
+The forward kernel in its inference form only normalizes with the statistics it is
+given; the gradient kernel in its training form takes them as the batch's saved
+mean and variance and adds the terms of their dependence on x, the closed form of
+`normalization.normalize_for_training`'s gradient. On CPU both kernels read
+`variance` as a variance; on GPU cuDNN reads the gradient's saved variance as
+1/sqrt(variance + ε) and runs its own workspace, which nothing here has executed: the
+kernels are used only where TensorFlow sees no GPU.
+"""
+
+import functools
+import math
+
+import tensorflow as tf
+
+from kerasbn.programs import ASSUMED_BATCH_SIZE, in_xla_program
+
+# Where the kernels pay, measured on this 2-core CPU with oneDNN (one unsynchronized
+# layer's training step in a `tf.function`, the kernels with kerasbn's statistics
+# against kerasbn's own math): 64x256 values 1.21, 256x256 1.17, 32x8x8x64 (131K)
+# 0.90, 32x16x16x16 (131K) 0.75, 128x1024 (131K) 0.92, 256x1024 0.76, 32x16x16x64
+# 0.69, 64x32x32x64 (4M) 0.76. Below about 100K values the kernels' fixed cost per
+# call is more than they save.
+FUSED_FROM_VALUES = 1 << 17
+
+
+@functools.lru_cache(maxsize=None)
+def onednn_is_on():
+    """Whether this TensorFlow runs oneDNN's kernels (`TF_ENABLE_ONEDNN_OPTS`, or the
+    default for the CPU). TensorFlow (2.21) has no public way to ask; its own tests ask
+    the private `_pywrap_util_port.IsMklEnabled`, which answers for this process.
+    Without oneDNN, TensorFlow's CPU kernel for the fused gradient is slower than
+    kerasbn's own math (13.1 against 9.8 ms on the NHWC 64x32x32x64 step)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def worth_fusing(shape):
+    """Whether a training step on an input of `shape` is faster on the fused kernels:
+    from `FUSED_FROM_VALUES` (131,072) values, an unknown batch size counted as
+    `programs.ASSUMED_BATCH_SIZE` (32). An unknown dim after the batch: False.
+
+    Args:
+        shape: the input's shape (a `tf.TensorShape` or a list).
+
+    Returns:
+        A bool.
+    """
+    dims = tf.TensorShape(shape).as_list()
+    if None in dims[1:]:
+        return False
+    batch = ASSUMED_BATCH_SIZE if dims[0] is None else dims[0]
+    return batch * math.prod(dims[1:]) >= FUSED_FROM_VALUES
+
+
+def applies(jit_compile, shape, dtype):
+    """Whether a layer with this `jit_compile` normalizes an input of `shape` and
+    `dtype` in training on the fused kernels (the layer also requires that nothing is
+    masked or synchronized and that its channels are the last axis).
+
+    Only under `jit_compile="auto"` (True and False ask for XLA programs or plain
+    ops), for float32 inputs, outside a function that XLA compiles as a whole, on a
+    TensorFlow that runs oneDNN and sees no GPU, and where `worth_fusing`.
+
+    Args:
+        jit_compile: the layer's `jit_compile` (True, False or "auto").
+        shape: the input's shape.
+        dtype: the input's dtype.
+
+    Returns:
+        A bool.
+    """
+    return (
+        jit_compile == "auto"
+        and tf.as_dtype(dtype) == tf.float32
+        and worth_fusing(shape)
+        and not in_xla_program()
+        and onednn_is_on()
+        and not tf.config.list_logical_devices("GPU")
+    )
+
+
+def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
+    """y = γ·(x - mean)/sqrt(var + ε) + β on the fused kernels, with the batch's own
+    statistics given, and the gradient of `normalization.normalize_for_training`.
+
+    Args:
+        x: float32 input of shape [rows, channels] (a layer's view).
+        mean, variance: the batch statistics of x, shape [channels], float32.
+        gamma, beta: scale and offset, shape [channels], float32.
+        epsilon: the variance floor ε.
+        backward_scope: the name scope of the backward's ops.
+
+    Returns:
+        y, of x's shape.
+    """
+    channels = x.shape[-1]
+
+    def as_image(t):  # the kernels take NHWC: each row an image of one pixel
+        return tf.reshape(t, [-1, 1, 1, channels])
+
+    @tf.custom_gradient
+    def _normalize(x, gamma, beta):
+        image = as_image(x)
+        y = tf.raw_ops.FusedBatchNormV3(
+            x=image, scale=gamma, offset=beta, mean=mean, variance=variance,
+            epsilon=epsilon, is_training=False)[0]
+
+        def grad(dy):
+            with tf.name_scope(backward_scope):
+                dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
+                    y_backprop=as_image(dy), x=image, scale=gamma,
+                    reserve_space_1=mean, reserve_space_2=variance,
+                    reserve_space_3=tf.zeros([0]), epsilon=epsilon, is_training=True)[:3]
+                return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
+
+        return tf.reshape(y, tf.shape(x)), grad
+
+    return _normalize(x, gamma, beta)
