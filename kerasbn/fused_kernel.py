@@ -22,11 +22,10 @@ kernels are used only where TensorFlow sees no GPU.
 """
 
 import functools
-import math
 
 import tensorflow as tf
 
-from kerasbn.programs import ASSUMED_BATCH_SIZE, in_xla_program
+from kerasbn.programs import assumed_values, in_xla_program
 
 # Where the kernels pay, measured on this 2-core CPU with oneDNN (one unsynchronized
 # layer's training step in a `tf.function`, the kernels with kerasbn's statistics
@@ -53,8 +52,8 @@ def onednn_is_on():
 
 def worth_fusing(shape):
     """Whether a training step on an input of `shape` is faster on the fused kernels:
-    from `FUSED_FROM_VALUES` (131,072) values, an unknown batch size counted as
-    `programs.ASSUMED_BATCH_SIZE` (32). An unknown dim after the batch: False.
+    from `FUSED_FROM_VALUES` (131,072) values (see `programs.assumed_values` for an
+    unknown batch size). When a dim after the batch is unknown the answer is False.
 
     Args:
         shape: the input's shape (a `tf.TensorShape` or a list).
@@ -62,11 +61,8 @@ def worth_fusing(shape):
     Returns:
         A bool.
     """
-    dims = tf.TensorShape(shape).as_list()
-    if None in dims[1:]:
-        return False
-    batch = ASSUMED_BATCH_SIZE if dims[0] is None else dims[0]
-    return batch * math.prod(dims[1:]) >= FUSED_FROM_VALUES
+    values = assumed_values(shape)
+    return values is not None and values >= FUSED_FROM_VALUES
 
 
 def applies(jit_compile, shape, dtype):

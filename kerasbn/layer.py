@@ -88,7 +88,10 @@ class BatchNormalization(keras.layers.Layer):
             CPUs too, where TensorFlow refuses to compile a whole multi-replica step.
             Inside a step that XLA compiles as a whole
             (`model.compile(jit_compile=True)`), the math is part of that program
-            whatever this says.
+            whatever this says. Under "auto", on a CPU where TensorFlow runs oneDNN
+            and sees no GPU, an unmasked, unsynchronized float32 training step of
+            131,072 values or more normalizes on TensorFlow's fused kernels, given the
+            layer's own exact statistics (see `kerasbn.fused_kernel`).
         fused: accepted for configs written by tf-keras, and ignored: kerasbn picks its
             own kernels.
         adjustment: accepted only as None (tf-keras configs carry it); a callable is

@@ -52,12 +52,29 @@ COMPILE_FROM_VALUES = 1 << 20
 ASSUMED_BATCH_SIZE = 32
 
 
+def assumed_values(shape):
+    """The number of values in an input of `shape`, an unknown batch size counted as
+    `ASSUMED_BATCH_SIZE` (Keras's default batch: a model traced by `fit` rarely knows
+    its batch size); None when a dim after the batch is unknown.
+
+    Args:
+        shape: the input's shape (a `tf.TensorShape` or a list).
+
+    Returns:
+        An int, or None.
+    """
+    dims = tf.TensorShape(shape).as_list()
+    if None in dims[1:]:
+        return None
+    batch = ASSUMED_BATCH_SIZE if dims[0] is None else dims[0]
+    return batch * math.prod(dims[1:])
+
+
 def worth_compiling(shape):
     """Whether the math of a batch norm whose input has `shape` is worth running as XLA
     programs of its own: from `COMPILE_FROM_VALUES` (1,048,576) values, where they
-    repay their compile time within the first few hundred steps. An unknown batch size
-    counts as Keras's default batch of 32: a model traced by `fit` rarely knows it.
-    When another dim is unknown the answer is True.
+    repay their compile time within the first few hundred steps (see `assumed_values`
+    for an unknown batch size). When a dim after the batch is unknown the answer is True.
 
     Args:
         shape: the input's shape (a `tf.TensorShape` or a list).
@@ -65,11 +82,8 @@ def worth_compiling(shape):
     Returns:
         A bool.
     """
-    dims = tf.TensorShape(shape).as_list()
-    if None in dims[1:]:
-        return True
-    batch = ASSUMED_BATCH_SIZE if dims[0] is None else dims[0]
-    return batch * math.prod(dims[1:]) >= COMPILE_FROM_VALUES
+    values = assumed_values(shape)
+    return values is None or values >= COMPILE_FROM_VALUES
 
 
 def compiles(jit_compile, shape):

@@ -128,3 +128,16 @@ def train_step(x, weights, channel_axes_, gamma, beta, cotangent, epsilon):
     squeeze = lambda t: tf.squeeze(t, reduce).numpy()  # noqa: E731
     return (y.numpy(), dx.numpy(), dgamma.numpy(), dbeta.numpy(), squeeze(count),
             squeeze(mean), squeeze(var))
+
+
+def gradient_penalty(fn, x, gamma, beta, weights):
+    """The gradient over (x, γ, β) of ||dL/dx||², L = Σ sin(fn(x, γ, β))·weights: a
+    gradient penalty, differentiated through fn's own gradient."""
+    with tf.GradientTape() as outer:
+        outer.watch([x, gamma, beta])
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(tf.sin(fn(x, gamma, beta)) * weights)
+        dx = inner.gradient(loss, x)
+        norm = tf.reduce_sum(dx * dx)
+    return outer.gradient(norm, [x, gamma, beta])
