@@ -234,8 +234,10 @@ def test_targets_of_ghost_statistics_and_first_step_on_fixed_numbers():
 def test_add_bandwidth_on_fixed_numbers():
     report = Report()
     layer = group("layer", {"mode": "training", "bytes": 10**6},
-                  {"kerasbn": 4.0, "copy (numpy)": 0.5, "copy (tf)": 1.0},
-                  {"kerasbn": OURS, "copy (numpy)": REFERENCE, "copy (tf)": REFERENCE})
+                  {"kerasbn": 4.0, "copy (numpy)": 0.5, "copy (tf)": 1.0,
+                   config.LEAST_EXACT_TRAINING: 0.1},
+                  {"kerasbn": OURS, "copy (numpy)": REFERENCE, "copy (tf)": REFERENCE,
+                   config.LEAST_EXACT_TRAINING: REFERENCE})  # a reference, not a copy
     sections.add_bandwidth(report, layer)
     (bandwidth,) = report.groups
     # A copy moves 2 MB: 4 GB/s in 0.5 ms; the step moves 8 MB: 2 GB/s in 4 ms.
@@ -250,6 +252,24 @@ def test_add_bandwidth_on_fixed_numbers():
                                          {"kerasbn": 1.0}, {"kerasbn": OURS}))
     assert len(report.groups) == 1
     assert report.skipped[0]["reason"] == "no copy could be timed"
+
+
+@pytest.mark.parametrize("shape", [(8, 4, 4, 16), (64, 32)])
+def test_least_exact_training_runs_kerasbns_fused_math_on_given_statistics(rng, shape):
+    """The reference's dγ is the layer's (γ = 1, β = 0): the same kernels, the same
+    statistics; channels first has no such reference."""
+    import kerasbn
+    from training.benchmark import contenders
+
+    x_np = (rng.standard_normal(shape) * 2 + 3).astype(np.float32)
+    dy_np = rng.standard_normal(shape).astype(np.float32)
+    (reference,) = contenders.least_exact_training(x_np, dy_np, -1)
+    assert reference.name == config.LEAST_EXACT_TRAINING and reference.role == REFERENCE
+    layer = kerasbn.BatchNormalization(epsilon=config.EPSILON)
+    ours = contenders.tf_layer_call(layer, tf.constant(x_np), tf.constant(dy_np),
+                                    training=True, xla=False)
+    np.testing.assert_allclose(reference.make()(), ours(), rtol=1e-5, atol=1e-5)
+    assert contenders.least_exact_training(x_np.reshape(8, 16, -1), dy_np, 1) == []
 
 
 def test_accuracy_section_measures_errors_against_float64_statistics(monkeypatch):

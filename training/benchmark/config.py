@@ -12,6 +12,12 @@ REPLICAS = 4  # logical CPU devices of the sync section and of first_step's repl
 # The references of the inference comparisons: the least a batch norm called as it
 # comes can cost (`contenders.least_inference_contenders`).
 LEAST_INFERENCE = ("a*x+b (ops)", "a*x+b (y in XLA)")
+# The reference of the channels-last training comparisons: the least a layer with exact
+# statistics costs on TensorFlow's fused kernels (`contenders.least_exact_training`).
+LEAST_EXACT_TRAINING = "fused kernels, statistics given"
+# The copies of x (`contenders.copy_contenders`): numpy's, and TensorFlow's in a
+# `tf.function`, TensorFlow's per-call floor.
+COPIES = ("copy (numpy)", "copy (tf)")
 EPSILON, MOMENTUM = 1e-3, 0.99  # Keras's defaults, given to every contender
 NUM_CLASSES = 10
 # Bytes a call must move, as multiples of the size of x (see the bandwidth section).

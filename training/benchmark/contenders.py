@@ -18,7 +18,8 @@ import tensorflow as tf
 import kerasbn
 from kerasbn.export import export_saved_model
 from kerasbn.statistics import PopulationPass
-from training.benchmark.config import EPSILON, LEAST_INFERENCE, MOMENTUM, NUM_CLASSES
+from training.benchmark.config import (COPIES, EPSILON, LEAST_EXACT_TRAINING, LEAST_INFERENCE,
+                                      MOMENTUM, NUM_CLASSES)
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender
 from training.benchmark.optional import tf_keras, torch
 from training.models import build_model
@@ -228,8 +229,7 @@ def copy_contenders(x_np):
         copy = tf.function(lambda a: tf.raw_ops.DeepCopy(x=a)[(0,) * a.shape.rank])
         return lambda: copy(x).numpy()
 
-    return [Contender("copy (numpy)", REFERENCE, numpy_copy),
-            Contender("copy (tf)", REFERENCE, tf_copy)]
+    return [Contender(name, REFERENCE, make) for name, make in zip(COPIES, (numpy_copy, tf_copy))]
 
 
 def least_inference_contenders(x_np, axis):
@@ -261,6 +261,40 @@ def least_inference_contenders(x_np, axis):
 
     return [Contender(name, REFERENCE, lambda y_in_xla=y_in_xla: make(y_in_xla))
             for name, y_in_xla in zip(LEAST_INFERENCE, (False, True))]
+
+
+def least_exact_training(x_np, dy_np, axis):
+    """The least a training step with exact statistics costs on TensorFlow's fused
+    kernels (a reference, channels-last inputs only; none otherwise): the batch's mean
+    and variance given for free, computed before timing in float64, then what
+    kerasbn's fused path runs (`kerasbn.fused_kernel`): `FusedBatchNormV3` in its
+    inference form and `FusedBatchNormGradV3` in its training form, no moving
+    statistics updated. A layer that computes its statistics exactly costs at least
+    this; tf_keras's fused layer computes them inside the kernel, in one pass."""
+    if axis not in (-1, x_np.ndim - 1):
+        return []
+    channels = x_np.shape[-1]
+    image = tf.constant(x_np.reshape(-1, 1, 1, channels) if x_np.ndim != 4 else x_np)
+    dy = tf.reshape(tf.constant(dy_np), image.shape)
+    rows = x_np.reshape(-1, channels).astype(np.float64)
+    mean, variance = (tf.constant(t.astype(np.float32)) for t in (rows.mean(0), rows.var(0)))
+    gamma, beta = tf.Variable(tf.ones(channels)), tf.Variable(tf.zeros(channels))
+
+    def make():
+        @tf.function
+        def step(x, dy):
+            y = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=gamma, offset=beta, mean=mean, variance=variance,
+                epsilon=EPSILON, is_training=False)[0]
+            dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean,
+                reserve_space_2=variance, reserve_space_3=tf.zeros([0]), epsilon=EPSILON,
+                is_training=True)[:3]
+            return y, dx, dgamma, dbeta
+
+        return lambda: step(image, dy)[2].numpy()
+
+    return [Contender(LEAST_EXACT_TRAINING, REFERENCE, make)]
 
 
 # ------------------------------------------------------------------ models

@@ -19,7 +19,7 @@ import tensorflow as tf
 import kerasbn
 from training.benchmark import contenders as contending
 from training.benchmark import first_step, optional
-from training.benchmark.config import BYTES_MOVED, NUM_CLASSES, REPLICAS, Config, \
+from training.benchmark.config import BYTES_MOVED, COPIES, NUM_CLASSES, REPLICAS, Config, \
     FirstStepCase
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing, \
     describe, measure, record, summarize
@@ -82,6 +82,8 @@ def section_layer(run: Run):
             contenders = contending.layer_contenders(x_np, dy_np, axis, mode == "training")
             if mode == "inference":
                 contenders += contending.least_inference_contenders(x_np, axis)
+            else:
+                contenders += contending.least_exact_training(x_np, dy_np, axis)
             if bandwidth:
                 contenders += contending.copy_contenders(x_np)
             group = measure(run.report, "layer",
@@ -101,8 +103,7 @@ def add_bandwidth(report, layer_group):
     def gbps(kind, median_ms):
         return BYTES_MOVED[kind] * params["bytes"] / (median_ms * 1e-3) / 1e9
 
-    copies = {n: gbps("copy", r["median_ms"]) for n, r in results.items()
-              if r["role"] == REFERENCE}
+    copies = {n: gbps("copy", r["median_ms"]) for n, r in results.items() if n in COPIES}
     if not copies:
         report.skip("bandwidth", layer_group["case"], "no copy could be timed")
         return
