@@ -233,3 +233,30 @@ def test_a_layer_on_the_kernels_steps_as_with_its_own_math(rng, config):
                        + [w.numpy() for w in layer.non_trainable_weights])
     for got, want in zip(*results):
         assert reference.relative_error(got, want) < 1e-5
+
+
+@needs_onednn
+def test_an_empty_batch_on_the_kernels_changes_nothing(rng):
+    """A replica's share of a last partial batch can be empty: no output, zero
+    gradients of γ and β, the moving statistics as they were."""
+    layer = kerasbn.BatchNormalization()
+    layer.build((None,) + LARGE)
+    assert _traced_kernels(layer, LARGE) == ["FusedBatchNormV3"]
+
+    @tf.function(input_signature=[tf.TensorSpec((None,) + LARGE)])
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * y)
+        return y, tape.gradient(loss, [x] + layer.trainable_weights)
+
+    x = tf.constant(random_input(rng, (4,) + LARGE, loc=3.0, scale=2.0), tf.float32)
+    step(x)
+    before = [w.numpy() for w in layer.non_trainable_weights]
+    y, (dx, dgamma, dbeta) = step(tf.zeros((0,) + LARGE))
+    assert y.shape == dx.shape == (0,) + LARGE
+    np.testing.assert_array_equal(dgamma, np.zeros(16))
+    np.testing.assert_array_equal(dbeta, np.zeros(16))
+    for saved, now in zip(before, layer.non_trainable_weights):
+        np.testing.assert_array_equal(saved, now.numpy())
