@@ -65,25 +65,32 @@ def worth_fusing(shape):
     return values is not None and values >= FUSED_FROM_VALUES
 
 
-def applies(jit_compile, shape, dtype):
+def applies(jit_compile, shape, dtype, *, view_axes, masked, synchronized):
     """Whether a layer with this `jit_compile` normalizes an input of `shape` and
-    `dtype` in training on the fused kernels (the layer also requires that nothing is
-    masked or synchronized and that its channels are the last axis).
+    `dtype` in training on the fused kernels.
 
     Only under `jit_compile="auto"` (True and False ask for XLA programs or plain
-    ops), for float32 inputs, outside a function that XLA compiles as a whole, on a
-    TensorFlow that runs oneDNN and sees no GPU, and where `worth_fusing`.
+    ops), for an unmasked, unsynchronized float32 input whose channels are the last
+    axis of the layer's view (`view_axes` (0,): NHWC, dense and any channels-last
+    input), outside a function that XLA compiles as a whole, on a TensorFlow that runs
+    oneDNN and sees no GPU, and where `worth_fusing`.
 
     Args:
         jit_compile: the layer's `jit_compile` (True, False or "auto").
         shape: the input's shape.
         dtype: the input's dtype.
+        view_axes: the reduction axes of the layer's view of the input.
+        masked: whether a mask keeps values out of the statistics.
+        synchronized: whether the statistics span replicas.
 
     Returns:
         A bool.
     """
     return (
         jit_compile == "auto"
+        and not masked
+        and not synchronized
+        and tuple(view_axes) == (0,)
         and tf.as_dtype(dtype) == tf.float32
         and worth_fusing(shape)
         and not in_xla_program()

@@ -293,8 +293,9 @@ class BatchNormalization(keras.layers.Layer):
                 *ops.shifted_moments(x, layout.axes, weights, compiled=compiled)
             )
         gamma, beta = self._scaled_for_training(mean, variance)
-        fused = (group is None and weights is None and layout.axes == (0,)
-                 and fused_kernel.applies(self.jit_compile, inputs.shape, inputs.dtype))
+        fused = fused_kernel.applies(
+            self.jit_compile, inputs.shape, inputs.dtype, view_axes=layout.axes,
+            masked=weights is not None, synchronized=group is not None)
         outputs = normalization.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes,

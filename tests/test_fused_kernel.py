@@ -40,7 +40,19 @@ def test_worth_fusing_from_131072_values_an_unknown_batch_counted_as_32(shape, e
     ("auto", tf.float64, False), ("auto", tf.float16, False), ("auto", tf.bfloat16, False),
 ])
 def test_only_auto_and_float32_take_the_fused_kernels(jit_compile, dtype, expected):
-    assert fused_kernel.applies(jit_compile, (None,) + LARGE, dtype) is expected
+    assert fused_kernel.applies(jit_compile, (None,) + LARGE, dtype, view_axes=(0,),
+                                masked=False, synchronized=False) is expected
+
+
+@needs_onednn
+@pytest.mark.parametrize("view_axes,masked,synchronized", [
+    ((0, 2), False, False), ((0,), True, False), ((0,), False, True)],
+    ids=["channels-first-view", "masked", "synchronized"])
+def test_masks_replicas_and_channels_first_keep_kerasbns_math(view_axes, masked,
+                                                               synchronized):
+    assert not fused_kernel.applies("auto", (None,) + LARGE, tf.float32,
+                                    view_axes=view_axes, masked=masked,
+                                    synchronized=synchronized)
 
 
 @needs_onednn
@@ -49,7 +61,8 @@ def test_a_function_compiled_whole_keeps_the_math_in_its_program():
 
     @tf.function(jit_compile=True)
     def compiled(x):
-        seen.append(fused_kernel.applies("auto", x.shape, x.dtype))
+        seen.append(fused_kernel.applies("auto", x.shape, x.dtype, view_axes=(0,),
+                                         masked=False, synchronized=False))
         return x
 
     compiled(tf.zeros((32,) + LARGE))
