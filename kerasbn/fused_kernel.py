@@ -3,11 +3,11 @@
 On a CPU where TensorFlow runs oneDNN (it prints "oneDNN custom operations are on"
 at start-up; the default on recent x86 CPUs), `FusedBatchNormV3` and
 `FusedBatchNormGradV3` are oneDNN's hand-written kernels, faster than anything XLA or
-plain ops make of the same passes. What they compute as statistics is not what
-kerasbn promises: one pass of E[x²] - E[x]², off by 0.08 standard deviations in the
-mean and 0.6 % in the variance for data whose mean is 10⁴ standard deviations
-(README, Performance, the accuracy table). So kerasbn never lets them compute
-statistics. It gives them its own exact batch mean and variance:
+plain ops make of the same passes. The statistics they compute inside the forward
+kernel are not what kerasbn promises: off by 0.08 standard deviations in the mean and
+0.6 % in the variance for data whose mean is 10⁴ standard deviations (README,
+Performance, the accuracy table). So kerasbn never lets them compute statistics. It
+gives them its own exact batch mean and variance:
 
     y  = FusedBatchNormV3(x, γ, β, mean, variance, is_training=False)
     dx, dγ, dβ = FusedBatchNormGradV3(dy, x, γ, mean, variance, is_training=True)
