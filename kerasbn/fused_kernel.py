@@ -99,9 +99,46 @@ def applies(jit_compile, shape, dtype, *, view_axes, masked, synchronized):
     )
 
 
+def forward(image, mean, variance, gamma, beta, *, epsilon):
+    """y = γ·(x - mean)/sqrt(var + ε) + β by `FusedBatchNormV3` in its inference form:
+    the statistics are given, the kernel computes none.
+
+    Args:
+        image: float32 input in NHWC, channels last.
+        mean, variance: the batch statistics, shape [channels], float32.
+        gamma, beta: scale and offset, shape [channels], float32.
+        epsilon: the variance floor ε.
+
+    Returns:
+        y, of the image's shape.
+    """
+    return tf.raw_ops.FusedBatchNormV3(
+        x=image, scale=gamma, offset=beta, mean=mean, variance=variance,
+        epsilon=epsilon, is_training=False)[0]
+
+
+def gradient(dy, image, mean, variance, gamma, *, epsilon):
+    """dx, dγ, dβ of `forward` with the statistics the batch's own, by
+    `FusedBatchNormGradV3` in its training form (mean and variance as the saved batch
+    statistics; on CPU the kernel reads the variance as a variance).
+
+    Args:
+        dy: the upstream gradient, of the image's shape.
+        image, mean, variance, gamma, epsilon: as given to `forward`.
+
+    Returns:
+        `(dx, dgamma, dbeta)`.
+    """
+    return tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=dy, x=image, scale=gamma, reserve_space_1=mean,
+        reserve_space_2=variance, reserve_space_3=tf.zeros([0]), epsilon=epsilon,
+        is_training=True)[:3]
+
+
 def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
-    """y = γ·(x - mean)/sqrt(var + ε) + β on the fused kernels, with the batch's own
-    statistics given, and the gradient of `normalization.normalize_for_training`.
+    """y = γ·(x - mean)/sqrt(var + ε) + β on the fused kernels (`forward`, `gradient`),
+    with the batch's own statistics given, and the gradient of
+    `normalization.normalize_for_training`.
 
     Args:
         x: float32 input of shape [rows, channels] (a layer's view).
@@ -121,16 +158,12 @@ def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
         image = as_image(x)
-        y = tf.raw_ops.FusedBatchNormV3(
-            x=image, scale=gamma, offset=beta, mean=mean, variance=variance,
-            epsilon=epsilon, is_training=False)[0]
+        y = forward(image, mean, variance, gamma, beta, epsilon=epsilon)
 
         def grad(dy):
             with tf.name_scope(backward_scope):
-                dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
-                    y_backprop=as_image(dy), x=image, scale=gamma,
-                    reserve_space_1=mean, reserve_space_2=variance,
-                    reserve_space_3=tf.zeros([0]), epsilon=epsilon, is_training=True)[:3]
+                dx, dgamma, dbeta = gradient(as_image(dy), image, mean, variance, gamma,
+                                             epsilon=epsilon)
                 return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
 
         return tf.reshape(y, tf.shape(x)), grad

@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 import kerasbn
+from kerasbn import fused_kernel
 from kerasbn.export import export_saved_model
 from kerasbn.statistics import PopulationPass
 from training.benchmark.config import (COPIES, EPSILON, LEAST_EXACT_TRAINING, LEAST_INFERENCE,
@@ -267,10 +268,10 @@ def least_exact_training(x_np, dy_np, axis):
     """The least a training step with exact statistics costs on TensorFlow's fused
     kernels (a reference, channels-last inputs only; none otherwise): the batch's mean
     and variance given for free, computed before timing in float64, then what
-    kerasbn's fused path runs (`kerasbn.fused_kernel`): `FusedBatchNormV3` in its
-    inference form and `FusedBatchNormGradV3` in its training form, no moving
-    statistics updated. A layer that computes its statistics exactly costs at least
-    this; tf_keras's fused layer computes them inside the kernel, in one pass."""
+    kerasbn's fused path runs (`kerasbn.fused_kernel.forward` and `gradient`:
+    `FusedBatchNormV3` in its inference form, `FusedBatchNormGradV3` in its training
+    form), no moving statistics updated. A layer that computes its statistics exactly
+    costs at least this; tf_keras's fused layer computes them inside the kernel."""
     if axis not in (-1, x_np.ndim - 1):
         return []
     channels = x_np.shape[-1]
@@ -283,13 +284,9 @@ def least_exact_training(x_np, dy_np, axis):
     def make():
         @tf.function
         def step(x, dy):
-            y = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=gamma, offset=beta, mean=mean, variance=variance,
-                epsilon=EPSILON, is_training=False)[0]
-            dx, dgamma, dbeta = tf.raw_ops.FusedBatchNormGradV3(
-                y_backprop=dy, x=x, scale=gamma, reserve_space_1=mean,
-                reserve_space_2=variance, reserve_space_3=tf.zeros([0]), epsilon=EPSILON,
-                is_training=True)[:3]
+            y = fused_kernel.forward(x, mean, variance, gamma, beta, epsilon=EPSILON)
+            dx, dgamma, dbeta = fused_kernel.gradient(dy, x, mean, variance, gamma,
+                                                      epsilon=EPSILON)
             return y, dx, dgamma, dbeta
 
         return lambda: step(image, dy)[2].numpy()
