@@ -12,8 +12,9 @@ import reference
 from kerasbn import sums
 
 # (shape, reduction axes): past MIN_BLOCKED_VALUES with a last block shorter than the
-# others; the second keeps axis 0 (a ghost batch norm's groups), summed group by group.
-BLOCKED = [((131, 64, 128), [0, 1]), ((4, 2053, 128), [1])]
+# others; the second keeps axis 0 (a ghost batch norm's groups), summed group by group;
+# the third keeps a middle axis (a channels-first view), which is not summed in wide rows.
+BLOCKED = [((131, 64, 128), [0, 1]), ((4, 2053, 128), [1]), ((16, 64, 1031), [0, 2])]
 SMALL = [((16, 8, 32), [0, 1]), ((4, 9, 32), [1])]
 for _shape, _ in BLOCKED:
     assert np.prod(_shape) >= sums.MIN_BLOCKED_VALUES
@@ -45,7 +46,8 @@ def _sums(x, shift, axes, compiled):
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["ops", "xla"])
 @pytest.mark.parametrize("shape,axes", BLOCKED + SMALL,
-                         ids=["blocked", "blocked-groups", "small", "small-groups"])
+                         ids=["blocked", "blocked-groups", "blocked-middle", "small",
+                              "small-groups"])
 def test_sums_equal_float64_sums(rng, shape, axes, compiled):
     x, shift = _inputs(rng, shape, axes)
     deviations = x.astype(np.float64) - shift.astype(np.float64)
@@ -60,8 +62,8 @@ def test_sums_equal_float64_sums(rng, shape, axes, compiled):
 
 
 @pytest.mark.parametrize("shape,axes,loops", [(*BLOCKED[0], True), (*BLOCKED[1], True),
-                                              (*SMALL[0], False)],
-                         ids=["blocked", "blocked-groups", "small"])
+                                              (*BLOCKED[2], True), (*SMALL[0], False)],
+                         ids=["blocked", "blocked-groups", "blocked-middle", "small"])
 def test_compiled_sums_loop_over_blocks_from_a_million_values(shape, axes, loops):
     program = tf.function(
         lambda x, shift: sums.channel_sums(_deviation_terms, [x], [shift], axes, True))
@@ -72,7 +74,29 @@ def test_compiled_sums_loop_over_blocks_from_a_million_values(shape, axes, loops
     assert bool(types & {"While", "StatelessWhile"}) == loops
 
 
-@pytest.mark.parametrize("shape,axes", BLOCKED, ids=["blocked", "blocked-groups"])
+@pytest.mark.parametrize("shape,axes,width", [
+    ((65536, 64), [0], 32),            # a [pixels, channels] view: 32 pixels a row
+    ((16384, 256), [0], 8),
+    ((131, 64, 128), [0, 1], 16),
+    ((4, 2053, 128), [1], 16),         # groups, summed one after the other
+    ((512, 4096), [0], 1),             # rows already past WIDE_ROW_VALUES: cut flat
+    ((16, 64, 1031), [0, 2], None),    # the kept axis in the middle: blocks as they are
+])
+def test_full_blocks_are_summed_in_rows_of_about_two_thousand_values(shape, axes, width):
+    kept = [1 if a in axes else n for a, n in enumerate(shape)]
+    blocks = sums._Blocks(tf.TensorShape(shape), axes, [tf.TensorShape(kept)])
+    assert blocks.width == width
+    if width:
+        assert blocks.width * blocks.kept <= max(sums.WIDE_ROW_VALUES, blocks.kept)
+
+
+def test_a_parameter_varying_along_a_reduced_axis_keeps_blocks_as_they_are():
+    blocks = sums._Blocks(tf.TensorShape([4096, 256]), [0], [tf.TensorShape([4096, 1])])
+    assert blocks.width is None
+
+
+@pytest.mark.parametrize("shape,axes", BLOCKED, ids=["blocked", "blocked-groups",
+                                                    "blocked-middle"])
 def test_blocked_sums_have_the_gradient_of_the_plain_sums(rng, shape, axes):
     x, shift = _inputs(rng, shape, axes)
     channels = [n for a, n in enumerate(shape) if a not in axes]
