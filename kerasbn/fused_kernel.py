@@ -65,16 +65,15 @@ def worth_fusing(shape):
     return values is not None and values >= FUSED_FROM_VALUES
 
 
-def applies(jit_compile, shape, dtype, *, view_axes, masked):
+def applies(jit_compile, shape, dtype, *, view_axes, masked, synchronized):
     """Whether a layer with this `jit_compile` normalizes an input of `shape` and
     `dtype` in training on the fused kernels.
 
     Only under `jit_compile="auto"` (True and False ask for XLA programs or plain
-    ops), for an unmasked float32 input whose channels are the last axis of the
-    layer's view (`view_axes` (0,): NHWC, dense and any channels-last input), outside
-    a function that XLA compiles as a whole, on a TensorFlow that runs oneDNN and sees
-    no GPU, and where `worth_fusing`. Synchronized or not: a synchronized layer takes
-    the local sums of its backward pass from the gradient kernel (`backward_sums`).
+    ops), for an unmasked, unsynchronized float32 input whose channels are the last
+    axis of the layer's view (`view_axes` (0,): NHWC, dense and any channels-last
+    input), outside a function that XLA compiles as a whole, on a TensorFlow that runs
+    oneDNN and sees no GPU, and where `worth_fusing`.
 
     Args:
         jit_compile: the layer's `jit_compile` (True, False or "auto").
@@ -82,6 +81,7 @@ def applies(jit_compile, shape, dtype, *, view_axes, masked):
         dtype: the input's dtype.
         view_axes: the reduction axes of the layer's view of the input.
         masked: whether a mask keeps values out of the statistics.
+        synchronized: whether the statistics span replicas.
 
     Returns:
         A bool.
@@ -89,6 +89,7 @@ def applies(jit_compile, shape, dtype, *, view_axes, masked):
     return (
         jit_compile == "auto"
         and not masked
+        and not synchronized
         and tuple(view_axes) == (0,)
         and tf.as_dtype(dtype) == tf.float32
         and worth_fusing(shape)
@@ -134,38 +135,6 @@ def gradient(dy, image, mean, variance, gamma, *, epsilon):
         is_training=True)[:3]
 
 
-def _as_image(t):
-    """A [rows, channels] view as the NHWC the kernels take: each row a one-pixel image."""
-    return tf.reshape(t, [-1, 1, 1, t.shape[-1]])
-
-
-def forward_rows(x, mean, variance, gamma, beta, *, epsilon):
-    """`forward` of a [rows, channels] view, y of x's shape."""
-    return tf.reshape(forward(_as_image(x), mean, variance, gamma, beta, epsilon=epsilon),
-                      tf.shape(x))
-
-
-def backward_sums(dy, x, mean, variance, gamma, *, epsilon):
-    """[Σ dy, Σ dy·x̂] per channel of a [rows, channels] view, x̂ = (x - mean)/sqrt(var + ε):
-    the two sums of a batch norm's backward pass, from `FusedBatchNormGradV3` in its
-    inference form (its dβ and dγ; the dx it also writes, γ·dy/sqrt(var + ε), is not
-    used). For a synchronized layer, whose dx needs these sums over every replica.
-
-    Args:
-        dy: the upstream gradient, of x's shape.
-        x: float32 input of shape [rows, channels].
-        mean, variance, gamma, epsilon: as given to `forward`.
-
-    Returns:
-        `(sum_dy, sum_dy_x_hat)`, each of shape [channels].
-    """
-    _, sum_dy_x_hat, sum_dy = tf.raw_ops.FusedBatchNormGradV3(
-        y_backprop=_as_image(dy), x=_as_image(x), scale=gamma, reserve_space_1=mean,
-        reserve_space_2=variance, reserve_space_3=tf.zeros([0]), epsilon=epsilon,
-        is_training=False)[:3]
-    return sum_dy, sum_dy_x_hat
-
-
 def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
     """y = γ·(x - mean)/sqrt(var + ε) + β on the fused kernels (`forward`, `gradient`),
     with the batch's own statistics given, and the gradient of
@@ -181,14 +150,19 @@ def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
     Returns:
         y, of x's shape.
     """
+    channels = x.shape[-1]
+
+    def as_image(t):  # the kernels take NHWC: each row an image of one pixel
+        return tf.reshape(t, [-1, 1, 1, channels])
+
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        image = _as_image(x)
+        image = as_image(x)
         y = forward(image, mean, variance, gamma, beta, epsilon=epsilon)
 
         def grad(dy):
             with tf.name_scope(backward_scope):
-                dx, dgamma, dbeta = gradient(_as_image(dy), image, mean, variance, gamma,
+                dx, dgamma, dbeta = gradient(as_image(dy), image, mean, variance, gamma,
                                              epsilon=epsilon)
                 return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
 

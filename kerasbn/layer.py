@@ -295,7 +295,7 @@ class BatchNormalization(keras.layers.Layer):
         gamma, beta = self._scaled_for_training(mean, variance)
         fused = fused_kernel.applies(
             self.jit_compile, inputs.shape, inputs.dtype, view_axes=layout.axes,
-            masked=weights is not None)
+            masked=weights is not None, synchronized=group is not None)
         outputs = normalization.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes,

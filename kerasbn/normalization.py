@@ -49,29 +49,27 @@ def normalize_for_training(
             programs (the cross-replica sum stays outside them).
         fused: run the forward and backward passes on TensorFlow's fused kernels
             (`fused_kernel.normalize`, the same gradient); only for a float32 x of
-            shape [rows, channels], unmasked (see `fused_kernel.applies`). With
-            `sum_across_replicas`, the kernels normalize and give the backward's local
-            sums (`fused_kernel.backward_sums`); dx is this module's, from their sums
-            over the replicas.
+            shape [rows, channels], unmasked and unsynchronized (see
+            `fused_kernel.applies`).
 
     Returns:
         y, in the dtype of x.
 
     Raises:
-        ValueError: `fused` with a mask or axes other than (0,).
+        ValueError: `fused` with a mask, a cross-replica sum or axes other than (0,).
     """
     # TensorFlow traces a custom gradient at the graph's root; the backward's ops go
     # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
     backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
     if fused:
-        if mask is not None or tuple(axes) != (0,):
+        if mask is not None or sum_across_replicas is not None or tuple(axes) != (0,):
             raise ValueError(
                 "normalize_for_training: argument `fused` needs a [rows, channels] input "
-                "(axes (0,)) and no mask; received "
-                f"axes={tuple(axes)}, mask={'given' if mask is not None else None}.")
-        if sum_across_replicas is None:
-            return fused_kernel.normalize(x, mean, variance, gamma, beta, epsilon=epsilon,
-                                          backward_scope=backward_scope)
+                "(axes (0,)), no mask and no cross-replica sum; received "
+                f"axes={tuple(axes)}, mask={'given' if mask is not None else None}, "
+                f"sum_across_replicas={sum_across_replicas}.")
+        return fused_kernel.normalize(x, mean, variance, gamma, beta, epsilon=epsilon,
+                                      backward_scope=backward_scope)
     inv_std = tf.math.rsqrt(variance + epsilon)
     weights = None if mask is None else tf.cast(mask, mean.dtype)
     axes = tuple(axes)
@@ -82,11 +80,7 @@ def normalize_for_training(
     # below, and an input of their own would only get a zero gradient traced for it.
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        if fused:
-            y = fused_kernel.forward_rows(x, mean, variance, gamma, beta,
-                                          epsilon=epsilon)
-        else:
-            y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
+        y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
 
         def grad(dy):
             with tf.name_scope(backward_scope):
@@ -97,12 +91,8 @@ def normalize_for_training(
                 (sum_dy, sum_dy_x_hat), dx = _backward(
                     x, dy, mean, inv_std, gamma, count, weights, axes, compiled=compiled)
             else:
-                if fused:
-                    sum_dy, sum_dy_x_hat = fused_kernel.backward_sums(
-                        dy, x, mean, variance, gamma, epsilon=epsilon)
-                else:
-                    sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
-                                                          compiled=compiled)
+                sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
+                                                      compiled=compiled)
                 global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
                 mean_sums = tf.unstack(per_value(global_sums, count))
                 dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
