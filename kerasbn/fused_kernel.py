@@ -15,7 +15,11 @@ gives them its own exact batch mean and variance:
 The forward kernel in its inference form only normalizes with the statistics it is
 given; the gradient kernel in its training form takes them as the batch's saved
 mean and variance and adds the terms of their dependence on x, the closed form of
-`normalization.normalize_for_training`'s gradient. On CPU both kernels read
+`normalization.normalize_for_training`'s gradient. A synchronized layer's dx needs the
+sums of every replica: there the gradient kernel in its inference form gives
+γ·dy/sqrt(var + ε) and this replica's Σdy and Σdy·x̂ (`gradient_parts`), and once the
+sums are exchanged, the forward kernel adds the affine of x̂ that completes dx. On CPU
+both kernels read
 `variance` as a variance; on GPU cuDNN reads the gradient's saved variance as
 1/sqrt(variance + ε) and runs its own workspace, which nothing here has executed: the
 kernels are used only where TensorFlow sees no GPU.
@@ -65,15 +69,16 @@ def worth_fusing(shape):
     return values is not None and values >= FUSED_FROM_VALUES
 
 
-def applies(jit_compile, shape, dtype, *, view_axes, masked, synchronized):
+def applies(jit_compile, shape, dtype, *, view_axes, masked):
     """Whether a layer with this `jit_compile` normalizes an input of `shape` and
     `dtype` in training on the fused kernels.
 
     Only under `jit_compile="auto"` (True and False ask for XLA programs or plain
-    ops), for an unmasked, unsynchronized float32 input whose channels are the last
-    axis of the layer's view (`view_axes` (0,): NHWC, dense and any channels-last
-    input), outside a function that XLA compiles as a whole, on a TensorFlow that runs
-    oneDNN and sees no GPU, and where `worth_fusing`.
+    ops), for an unmasked float32 input whose channels are the last axis of the
+    layer's view (`view_axes` (0,): NHWC, dense and any channels-last input), outside
+    a function that XLA compiles as a whole, on a TensorFlow that runs oneDNN and sees
+    no GPU, and where `worth_fusing`. Synchronized or not: a synchronized layer takes
+    the local sums of its backward pass from the gradient kernel (`gradient_parts`).
 
     Args:
         jit_compile: the layer's `jit_compile` (True, False or "auto").
@@ -81,7 +86,6 @@ def applies(jit_compile, shape, dtype, *, view_axes, masked, synchronized):
         dtype: the input's dtype.
         view_axes: the reduction axes of the layer's view of the input.
         masked: whether a mask keeps values out of the statistics.
-        synchronized: whether the statistics span replicas.
 
     Returns:
         A bool.
@@ -89,7 +93,6 @@ def applies(jit_compile, shape, dtype, *, view_axes, masked, synchronized):
     return (
         jit_compile == "auto"
         and not masked
-        and not synchronized
         and tuple(view_axes) == (0,)
         and tf.as_dtype(dtype) == tf.float32
         and worth_fusing(shape)
@@ -135,6 +138,40 @@ def gradient(dy, image, mean, variance, gamma, *, epsilon):
         is_training=True)[:3]
 
 
+def _as_image(t):
+    """A [rows, channels] view as the NHWC the kernels take: each row a one-pixel image."""
+    return tf.reshape(t, [-1, 1, 1, t.shape[-1]])
+
+
+def forward_rows(x, mean, variance, gamma, beta, *, epsilon):
+    """`forward` of a [rows, channels] view, y of x's shape."""
+    return tf.reshape(forward(_as_image(x), mean, variance, gamma, beta, epsilon=epsilon),
+                      tf.shape(x))
+
+
+def gradient_parts(dy, x, mean, variance, gamma, *, epsilon):
+    """The parts of a synchronized batch norm's backward pass that need no other replica,
+    for a [rows, channels] view, by `FusedBatchNormGradV3` in its inference form:
+    γ·dy/sqrt(var + ε), Σ dy and Σ dy·x̂ per channel, x̂ = (x - mean)/sqrt(var + ε).
+    dx adds an affine of x̂ to the first, from the two sums over every replica (see
+    `normalization.normalize_for_training`).
+
+    Args:
+        dy: the upstream gradient, of x's shape.
+        x: float32 input of shape [rows, channels].
+        mean, variance, gamma, epsilon: as given to `forward`.
+
+    Returns:
+        `(scaled_dy, sum_dy, sum_dy_x_hat)`: the first of x's shape, the sums of shape
+        [channels].
+    """
+    scaled_dy, sum_dy_x_hat, sum_dy = tf.raw_ops.FusedBatchNormGradV3(
+        y_backprop=_as_image(dy), x=_as_image(x), scale=gamma, reserve_space_1=mean,
+        reserve_space_2=variance, reserve_space_3=tf.zeros([0]), epsilon=epsilon,
+        is_training=False)[:3]
+    return tf.reshape(scaled_dy, tf.shape(x)), sum_dy, sum_dy_x_hat
+
+
 def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
     """y = γ·(x - mean)/sqrt(var + ε) + β on the fused kernels (`forward`, `gradient`),
     with the batch's own statistics given, and the gradient of
@@ -150,19 +187,14 @@ def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
     Returns:
         y, of x's shape.
     """
-    channels = x.shape[-1]
-
-    def as_image(t):  # the kernels take NHWC: each row an image of one pixel
-        return tf.reshape(t, [-1, 1, 1, channels])
-
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        image = as_image(x)
+        image = _as_image(x)
         y = forward(image, mean, variance, gamma, beta, epsilon=epsilon)
 
         def grad(dy):
             with tf.name_scope(backward_scope):
-                dx, dgamma, dbeta = gradient(as_image(dy), image, mean, variance, gamma,
+                dx, dgamma, dbeta = gradient(_as_image(dy), image, mean, variance, gamma,
                                              epsilon=epsilon)
                 return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
 

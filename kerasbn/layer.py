@@ -89,9 +89,9 @@ class BatchNormalization(keras.layers.Layer):
             Inside a step that XLA compiles as a whole
             (`model.compile(jit_compile=True)`), the math is part of that program
             whatever this says. Under "auto", on a CPU where TensorFlow runs oneDNN
-            and sees no GPU, an unmasked, unsynchronized float32 training step of
-            131,072 values or more normalizes on TensorFlow's fused kernels, given the
-            layer's own exact statistics (see `kerasbn.fused_kernel`).
+            and sees no GPU, an unmasked float32 training step of 131,072 values or
+            more a replica normalizes on TensorFlow's fused kernels, given the layer's
+            own exact statistics (see `kerasbn.fused_kernel`).
         fused: accepted for configs written by tf-keras, and ignored: kerasbn picks its
             own kernels.
         adjustment: accepted only as None (tf-keras configs carry it); a callable is
@@ -295,7 +295,7 @@ class BatchNormalization(keras.layers.Layer):
         gamma, beta = self._scaled_for_training(mean, variance)
         fused = fused_kernel.applies(
             self.jit_compile, inputs.shape, inputs.dtype, view_axes=layout.axes,
-            masked=weights is not None, synchronized=group is not None)
+            masked=weights is not None)
         outputs = normalization.normalize_for_training(
             x, mean, variance, gamma, beta,
             epsilon=self.epsilon, axes=layout.axes,

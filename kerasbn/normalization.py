@@ -49,59 +49,130 @@ def normalize_for_training(
             programs (the cross-replica sum stays outside them).
         fused: run the forward and backward passes on TensorFlow's fused kernels
             (`fused_kernel.normalize`, the same gradient); only for a float32 x of
-            shape [rows, channels], unmasked and unsynchronized (see
-            `fused_kernel.applies`).
+            shape [rows, channels], unmasked (see `fused_kernel.applies`). With
+            `sum_across_replicas`, the kernels normalize, give the backward's local
+            parts (`fused_kernel.gradient_parts`) and, after the exchange, the rest of
+            dx; the gradient of this gradient is that of the same math in plain ops.
 
     Returns:
         y, in the dtype of x.
 
     Raises:
-        ValueError: `fused` with a mask, a cross-replica sum or axes other than (0,).
+        ValueError: `fused` with a mask or axes other than (0,).
     """
     # TensorFlow traces a custom gradient at the graph's root; the backward's ops go
     # where autodiff puts a layer's, "gradient_tape/<the layer's scope>/", for profiles.
     backward_scope = f"gradient_tape/{tf.get_current_name_scope()}/".replace("//", "/")
     if fused:
-        if mask is not None or sum_across_replicas is not None or tuple(axes) != (0,):
+        if mask is not None or tuple(axes) != (0,):
             raise ValueError(
                 "normalize_for_training: argument `fused` needs a [rows, channels] input "
-                "(axes (0,)), no mask and no cross-replica sum; received "
-                f"axes={tuple(axes)}, mask={'given' if mask is not None else None}, "
-                f"sum_across_replicas={sum_across_replicas}.")
-        return fused_kernel.normalize(x, mean, variance, gamma, beta, epsilon=epsilon,
-                                      backward_scope=backward_scope)
-    inv_std = tf.math.rsqrt(variance + epsilon)
+                "(axes (0,)) and no mask; received "
+                f"axes={tuple(axes)}, mask={'given' if mask is not None else None}.")
+        if sum_across_replicas is None:
+            return fused_kernel.normalize(x, mean, variance, gamma, beta, epsilon=epsilon,
+                                          backward_scope=backward_scope)
     weights = None if mask is None else tf.cast(mask, mean.dtype)
     axes = tuple(axes)
     # Shaped to broadcast once: the forward and backward programs take them as they are.
-    mean, inv_std = broadcast_against(mean, x, axes), broadcast_against(inv_std, x, axes)
+    mean, variance = broadcast_against(mean, x, axes), broadcast_against(variance, x, axes)
+    inv_std = tf.math.rsqrt(variance + epsilon)
 
     # mean and inv_std come in from outside: their dependence on x is in the gradient
     # below, and an input of their own would only get a zero gradient traced for it.
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
+        if fused:
+            y = fused_kernel.forward_rows(x, mean, variance, gamma, beta,
+                                          epsilon=epsilon)
+        else:
+            y = _normalize_forward(x, mean, inv_std, gamma, beta, axes, compiled=compiled)
 
         def grad(dy):
             with tf.name_scope(backward_scope):
                 return backward(dy)
 
+        def synchronized_backward(dy, x, mean, variance, gamma):
+            inv_std = tf.math.rsqrt(variance + epsilon)
+            sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
+                                                  compiled=compiled)
+            global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
+            mean_sums = tf.unstack(per_value(global_sums, count))
+            dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
+                              compiled=compiled)
+            return dx, sum_dy_x_hat, sum_dy
+
+        def fused_synchronized_backward(dy):
+            scaled_dy, sum_dy, sum_dy_x_hat = _fused_gradient_parts(
+                dy, x, mean, variance, gamma, epsilon=epsilon)
+            global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
+            mean_dy, mean_dy_x_hat = tf.unstack(per_value(global_sums, count))
+            dx = _fused_synchronized_dx(scaled_dy, x, mean, variance, gamma, mean_dy,
+                                        mean_dy_x_hat, epsilon=epsilon)
+            return dx, sum_dy_x_hat, sum_dy
+
         def backward(dy):
             if sum_across_replicas is None:
                 (sum_dy, sum_dy_x_hat), dx = _backward(
                     x, dy, mean, inv_std, gamma, count, weights, axes, compiled=compiled)
-            else:
-                sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
-                                                      compiled=compiled)
-                global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
-                mean_sums = tf.unstack(per_value(global_sums, count))
-                dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
-                                  compiled=compiled)
-            return dx, sum_dy_x_hat, sum_dy
+                return dx, sum_dy_x_hat, sum_dy
+            if fused:
+                return fused_synchronized_backward(dy)
+            return synchronized_backward(dy, x, mean, variance, gamma)
 
         return y, grad
 
     return _normalize(x, gamma, beta)
+
+
+def _exact_gradient(plain, inputs, upstream):
+    """The gradient of `plain(*inputs)` (TensorFlow ops with gradients of their own) for
+    the upstream gradients of its outputs: what a kernel that computes the same numbers
+    is given as its gradient."""
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        outputs = plain(*inputs)
+    return tape.gradient(outputs, inputs, output_gradients=list(upstream))
+
+
+# A synchronized backward pass on the fused kernels is two pieces around the exchange
+# of the two sums. TensorFlow gives the kernels no gradient for the statistics they are
+# given, so each piece's own gradient (a gradient penalty's) is that of the same math in
+# plain ops; the exchange between them stays one collective, differentiated as such.
+
+def _fused_gradient_parts(dy, x, mean, variance, gamma, *, epsilon):
+    """γ·inv_std·dy, Σ dy and Σ dy·x̂ of a [rows, channels] view, on the gradient kernel."""
+    def plain(dy, x, mean, variance, gamma):
+        inv_std = tf.math.rsqrt(variance + epsilon)
+        sum_dy, sum_dy_x_hat = _backward_terms(dy, _normalized(x, mean, inv_std))
+        return gamma * inv_std * dy, tf.reduce_sum(sum_dy, 0), tf.reduce_sum(sum_dy_x_hat, 0)
+
+    @tf.custom_gradient
+    def parts(*inputs):
+        computed = fused_kernel.gradient_parts(*inputs, epsilon=epsilon)
+        return computed, lambda *upstream: _exact_gradient(plain, list(inputs), upstream)
+
+    return parts(dy, x, mean, variance, gamma)
+
+
+def _fused_synchronized_dx(scaled_dy, x, mean, variance, gamma, mean_dy, mean_dy_x_hat, *,
+                           epsilon):
+    """dx = γ·inv_std·dy - γ·inv_std·(mean(dy) + x̂·mean(dy·x̂)) from the first term and the
+    replicas' means: the second is an affine of x̂, computed by the forward kernel."""
+    def plain(scaled_dy, x, mean, variance, gamma, mean_dy, mean_dy_x_hat):
+        inv_std = tf.math.rsqrt(variance + epsilon)
+        x_hat = _normalized(x, mean, inv_std)
+        return scaled_dy - gamma * inv_std * (mean_dy + x_hat * mean_dy_x_hat)
+
+    @tf.custom_gradient
+    def dx(scaled_dy, x, mean, variance, gamma, mean_dy, mean_dy_x_hat):
+        step = -gamma * tf.math.rsqrt(variance + epsilon)
+        computed = scaled_dy + fused_kernel.forward_rows(
+            x, mean, variance, step * mean_dy_x_hat, step * mean_dy, epsilon=epsilon)
+        inputs = [scaled_dy, x, mean, variance, gamma, mean_dy, mean_dy_x_hat]
+        return computed, lambda upstream: _exact_gradient(plain, inputs, [upstream])
+
+    return dx(scaled_dy, x, mean, variance, gamma, mean_dy, mean_dy_x_hat)
 
 
 def _normalized(x, mean, inv_std):

@@ -22,7 +22,7 @@ import grids
 import kerasbn
 import reference
 import workers
-from kerasbn import distribute
+from kerasbn import distribute, fused_kernel
 from training import runtime
 
 NUM_REPLICAS = 4
@@ -96,17 +96,18 @@ def _copies(variable):
 
 
 def _assert_step_matches_reference(results, reference_step, layer, old_statistics,
-                                   momentum=0.5):
-    """Outputs, dx, summed dγ/dβ and the moving statistics equal the float64 reference."""
+                                   momentum=0.5, tolerance=1e-5):
+    """Outputs, dx, summed dγ/dβ and the moving statistics equal the float64 reference
+    (y, dx, dγ and dβ within `tolerance`, relative)."""
     ref_y, ref_dx, ref_dgamma, ref_dbeta, _, mean, var = reference_step
     y = np.concatenate([r[0] for r in results])
     dx = np.concatenate([r[1] for r in results])
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(dx))
-    assert reference.relative_error(y, ref_y) < 1e-5
-    assert reference.relative_error(dx, ref_dx) < 1e-5
+    assert reference.relative_error(y, ref_y) < tolerance
+    assert reference.relative_error(dx, ref_dx) < tolerance
     # dγ and dβ are local sums; the optimizer's all-reduce adds them up.
-    assert reference.relative_error(sum(r[2] for r in results), ref_dgamma) < 1e-5
-    assert reference.relative_error(sum(r[3] for r in results), ref_dbeta) < 1e-5
+    assert reference.relative_error(sum(r[2] for r in results), ref_dgamma) < tolerance
+    assert reference.relative_error(sum(r[3] for r in results), ref_dbeta) < tolerance
     # Moving statistics move once, from the global statistics, identically everywhere.
     old_mean, old_var = old_statistics
     np.testing.assert_allclose(layer.moving_mean.numpy(),
@@ -144,6 +145,93 @@ def test_forward_backward_and_moving_statistics_are_those_of_the_global_batch(
     reference_step = reference.train_step(x, None, channel_axes, gamma, beta, cot,
                                      layer.epsilon)
     _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var))
+
+
+@pytest.mark.skipif(not fused_kernel.onednn_is_on(), reason="TensorFlow runs without oneDNN")
+@pytest.mark.parametrize("loc", [3.0, 1e3])
+def test_a_synchronized_step_on_the_fused_kernels_is_that_of_the_global_batch(
+        mirrored_strategy, rng, loc):
+    """From 131,072 values (the batch unknown, counted as 32), a synchronized float32
+    layer normalizes on TensorFlow's fused kernels, given the global statistics, and
+    sums the gradient kernel's local Σdy and Σdy·x̂ over the replicas."""
+    strategy = mirrored_strategy
+    shape, sizes = (16, 16, 16), [40, 0, 33, 64]  # 33 x 4,096 values: just past the floor
+    for size in sizes:  # the empty replica's share keeps kerasbn's own math
+        assert fused_kernel.applies("auto", (size,) + shape, tf.float32, view_axes=(0,),
+                                    masked=False) == (size > 0)
+    full = (sum(sizes),) + shape
+    x = (loc + 2.0 * rng.standard_normal(full)).astype(np.float32)
+    cot = rng.standard_normal(full).astype(np.float32)
+    with strategy.scope():
+        layer = kerasbn.BatchNormalization(momentum=0.5, synchronized=True)
+        layer.build((None,) + shape)
+        _randomize(layer, rng)
+    gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
+    old_mean, old_var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+
+    results = _replica_step(strategy, layer, _split(x, sizes), _split(cot, sizes))
+
+    reference_step = reference.train_step(x, None, [3], gamma, beta, cot, layer.epsilon)
+    # float32 rounds the mean itself: x - mean at 1e3 standard deviations is off by
+    # up to half a unit in the last place of 1e3, 1.5e-5 of a standard deviation of 2
+    tolerance = 1e-5 if loc < 10 else 1e-4
+    _assert_step_matches_reference(results, reference_step, layer, (old_mean, old_var),
+                                   tolerance=tolerance)
+
+
+def _global_gradient_penalty(x, weights, gamma, beta, epsilon):
+    """float64 reference: the gradient over (x, γ, β) of ||dL/dx||² for Algorithm 1 on
+    the whole (channels-last) batch, L = Σ sin(y)·weights."""
+    axes = list(range(x.ndim - 1))
+
+    def batch_norm(x, gamma, beta):
+        mean, variance = tf.nn.moments(x, axes)
+        return gamma * (x - mean) / tf.sqrt(variance + epsilon) + beta
+
+    return [t.numpy() for t in reference.gradient_penalty(
+        batch_norm, *(tf.constant(t, tf.float64) for t in (x, gamma, beta)),
+        tf.constant(weights, tf.float64))]
+
+
+@pytest.mark.parametrize("jit_compile,shape,sizes", [
+    (True, (4, 3), UNEVEN), (False, (4, 3), UNEVEN),
+    ("auto", (16, 16, 16), [40, 33, 0, 35]),  # on the fused kernels, but the empty share
+], ids=["xla", "ops", "fused-kernels"])
+def test_a_gradient_penalty_through_synchronized_statistics_is_that_of_the_global_batch(
+        mirrored_strategy, rng, jit_compile, shape, sizes):
+    """The gradient of ||dL/dx||² (a gradient penalty) differentiates through the
+    synchronized backward pass, its two exchanges included: the sum over replicas is
+    that of the whole batch on one device."""
+    strategy = mirrored_strategy
+    full = (sum(sizes),) + shape
+    x = (3.0 + 2.0 * rng.standard_normal(full)).astype(np.float32)
+    weights = rng.standard_normal(full).astype(np.float32)
+    with strategy.scope():
+        layer = kerasbn.BatchNormalization(synchronized=True, jit_compile=jit_compile)
+        layer.build((None,) + shape)
+        _randomize(layer, rng)
+
+    def replica_penalty(x, weights):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = tf.reduce_sum(tf.sin(layer(x, training=True)) * weights)
+            dx = inner.gradient(loss, x)
+            norm = tf.reduce_sum(dx * dx)
+        return outer.gradient(norm, [x, layer.gamma, layer.beta])
+
+    @tf.function
+    def step(x, weights):
+        return strategy.run(replica_penalty, args=(x, weights))
+
+    results = _local(strategy, step(_per_replica(strategy, _split(x, sizes)),
+                                    _per_replica(strategy, _split(weights, sizes))))
+    want_dx, want_dgamma, want_dbeta = _global_gradient_penalty(
+        x, weights, layer.gamma.numpy(), layer.beta.numpy(), layer.epsilon)
+    assert reference.relative_error(np.concatenate([r[0] for r in results]), want_dx) < 1e-4
+    assert reference.relative_error(sum(r[1] for r in results), want_dgamma) < 1e-4
+    assert reference.relative_error(sum(r[2] for r in results), want_dbeta) < 1e-4
 
 
 @pytest.mark.parametrize("jit_compile", [True, False], ids=["xla", "ops"])

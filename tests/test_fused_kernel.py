@@ -41,18 +41,15 @@ def test_worth_fusing_from_131072_values_an_unknown_batch_counted_as_32(shape, e
 ])
 def test_only_auto_and_float32_take_the_fused_kernels(jit_compile, dtype, expected):
     assert fused_kernel.applies(jit_compile, (None,) + LARGE, dtype, view_axes=(0,),
-                                masked=False, synchronized=False) is expected
+                                masked=False) is expected
 
 
 @needs_onednn
-@pytest.mark.parametrize("view_axes,masked,synchronized", [
-    ((0, 2), False, False), ((0,), True, False), ((0,), False, True)],
-    ids=["channels-first-view", "masked", "synchronized"])
-def test_masks_replicas_and_channels_first_keep_kerasbns_math(view_axes, masked,
-                                                               synchronized):
+@pytest.mark.parametrize("view_axes,masked", [((0, 2), False), ((0,), True)],
+                         ids=["channels-first-view", "masked"])
+def test_masks_and_channels_first_keep_kerasbns_math(view_axes, masked):
     assert not fused_kernel.applies("auto", (None,) + LARGE, tf.float32,
-                                    view_axes=view_axes, masked=masked,
-                                    synchronized=synchronized)
+                                    view_axes=view_axes, masked=masked)
 
 
 @needs_onednn
@@ -62,7 +59,7 @@ def test_a_function_compiled_whole_keeps_the_math_in_its_program():
     @tf.function(jit_compile=True)
     def compiled(x):
         seen.append(fused_kernel.applies("auto", x.shape, x.dtype, view_axes=(0,),
-                                         masked=False, synchronized=False))
+                                         masked=False))
         return x
 
     compiled(tf.zeros((32,) + LARGE))
@@ -120,20 +117,33 @@ def test_a_masked_layer_keeps_its_own_math():
 
 
 @needs_onednn
-@pytest.mark.parametrize("synchronized,expected", [(True, []), (False, ["FusedBatchNormV3"])])
-def test_under_a_strategy_a_synchronized_layer_keeps_its_own_math(mirrored_strategy,
-                                                                   synchronized, expected):
+@pytest.mark.parametrize("synchronized", [True, False])
+def test_under_a_strategy_synchronized_or_not_a_layer_takes_the_kernels(mirrored_strategy,
+                                                                        synchronized):
+    """Synchronized, the forward kernel normalizes with the global statistics and the
+    gradient kernel in its inference form gives the local sums that are then summed
+    over the replicas (`fused_kernel.gradient_parts`); unsynchronized, the gradient
+    kernel in its training form gives dx."""
     with mirrored_strategy.scope():
         layer = kerasbn.BatchNormalization(synchronized=synchronized)
         layer.build((None,) + LARGE)
 
+    def replica_step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x)
+
     @tf.function
     def step(x):
-        return mirrored_strategy.run(lambda x: layer(x, training=True), (x,))
+        return mirrored_strategy.run(replica_step, (x,))
 
     graph = step.get_concrete_function(tf.TensorSpec((None,) + LARGE)).graph
-    assert sorted({op.type for op in graph.get_operations()
-                   if op.type.startswith("FusedBatchNorm")}) == expected
+    kernels = [op for op in graph.get_operations() if op.type.startswith("FusedBatchNorm")]
+    assert sorted({op.type for op in kernels}) == ["FusedBatchNormGradV3",
+                                                   "FusedBatchNormV3"]
+    gradients = [op for op in kernels if op.type == "FusedBatchNormGradV3"]
+    assert {op.get_attr("is_training") for op in gradients} == {not synchronized}
 
 
 def test_fused_with_a_mask_is_refused_by_name():
