@@ -272,6 +272,39 @@ def test_least_exact_training_runs_kerasbns_fused_math_on_given_statistics(rng, 
     assert contenders.least_exact_training(x_np.reshape(8, 16, -1), dy_np, 1) == []
 
 
+def test_the_exchanges_alone_change_no_number_of_the_unsynchronized_layer(
+        mirrored_strategy, rng):
+    """The sync section's reference adds a synchronized layer's two exchanges to the
+    unsynchronized layer: its outputs and gradients are that layer's, to the bit."""
+    import kerasbn
+    from training.benchmark import contenders
+
+    replicas = mirrored_strategy.num_replicas_in_sync
+    x_np = (rng.standard_normal((4 * replicas, 6, 6, 8)) * 2 + 3).astype(np.float32)
+    x = mirrored_strategy.experimental_distribute_values_from_function(
+        lambda context: tf.constant(np.split(x_np, replicas)[context.replica_id_in_sync_group]))
+
+    def step(layer_class):
+        with mirrored_strategy.scope():
+            layer = layer_class(momentum=0.5)
+            layer.build((None, 6, 6, 8))
+
+        def replica(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+                loss = tf.reduce_sum(tf.sin(y))
+            return [y] + tape.gradient(loss, [x, layer.gamma])
+
+        results = tf.function(lambda x: mirrored_strategy.run(replica, (x,)))(x)
+        return [np.concatenate(mirrored_strategy.experimental_local_results(t))
+                for t in results] + [layer.moving_mean.numpy()]
+
+    for ours, plain in zip(step(contenders.UnsynchronizedWithExchanges),
+                           step(kerasbn.BatchNormalization)):
+        np.testing.assert_array_equal(ours, plain)
+
+
 def test_accuracy_section_measures_errors_against_float64_statistics(monkeypatch):
     """On fake layers whose statistics are off by known amounts."""
     def one_batch_statistics(x_np):
@@ -531,7 +564,8 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
 LAYER_CONTENDERS = ["kerasbn", "kerasbn XLA", "kerasbn jit_compile=True",
                     "kerasbn jit_compile=False", "keras",
                     "keras XLA"]
-SYNC_CONTENDERS = ["kerasbn sync", "kerasbn", "keras sync", "keras"]
+SYNC_CONTENDERS = ["kerasbn sync", "kerasbn", config.SYNC_EXCHANGES_ONLY, "keras sync",
+                   "keras"]
 EXPORT_CONTENDERS = ["kerasbn export folded", "keras export"]
 DOCUMENT_KEYS = ["command", "started", "seconds", "quick", "sections", "config",
                  "bytes_moved", "machine", "notes", "skipped", "groups", "ratios",

@@ -15,6 +15,9 @@ LEAST_INFERENCE = ("a*x+b (ops)", "a*x+b (y in XLA)")
 # The reference of the channels-last training comparisons: the least a layer with exact
 # statistics costs on TensorFlow's fused kernels (`contenders.least_exact_training`).
 LEAST_EXACT_TRAINING = "fused kernels, statistics given"
+# The reference of the sync section: the unsynchronized layer plus a synchronized
+# layer's two exchanges and nothing else (`contenders.UnsynchronizedWithExchanges`).
+SYNC_EXCHANGES_ONLY = "kerasbn + the exchanges alone"
 # The copies of x (`contenders.copy_contenders`): numpy's, and TensorFlow's in a
 # `tf.function`, TensorFlow's per-call floor.
 COPIES = ("copy (numpy)", "copy (tf)")

@@ -340,6 +340,34 @@ def distributed_step(strategy, model, x_np, y_np):
     return lambda: step(x, y).numpy()
 
 
+class UnsynchronizedWithExchanges(kerasbn.BatchNormalization):
+    """The unsynchronized layer plus the two exchanges of a synchronized one and nothing
+    else: in training, an all-reduce of [replicas, 4, channels] (the moments' gather)
+    after the forward pass and one of [2, channels] (the backward's two sums) in the
+    backward pass, each tied to the data by a control dependency. What synchronization
+    costs a step at least, over the unsynchronized layer, with the replicas' exchanges
+    as TensorFlow runs them here (a reference of the sync section)."""
+
+    def call(self, inputs, training=None, mask=None):
+        outputs = super().call(inputs, training=training, mask=mask)
+        context = tf.distribute.get_replica_context()
+        if not training or context is None or context.num_replicas_in_sync == 1:
+            return outputs
+        channels, replicas = inputs.shape[-1], context.num_replicas_in_sync
+
+        def exchange(shape, after):
+            value = tf.zeros(shape) + tf.reshape(after, [-1])[0]  # waits for `after`
+            with tf.control_dependencies([context.all_reduce("SUM", value)]):
+                return tf.identity(after)
+
+        @tf.custom_gradient
+        def exchanged(y):
+            return (exchange([replicas, 4, channels], y),
+                    lambda dy: exchange([2, channels], dy))
+
+        return exchanged(outputs)
+
+
 def sync_step(strategy, layer_class, synchronized, image, blocks, x_np, y_np):
     """A `make` for the sync section: `conv_net` with `layer_class` batch norms,
     built under `strategy`, stepped by `distributed_step`."""

@@ -20,7 +20,7 @@ import kerasbn
 from training.benchmark import contenders as contending
 from training.benchmark import first_step, optional
 from training.benchmark.config import BYTES_MOVED, COPIES, NUM_CLASSES, REPLICAS, Config, \
-    FirstStepCase
+    SYNC_EXCHANGES_ONLY, FirstStepCase
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing, \
     describe, measure, record, summarize
 from training.models import build_model
@@ -184,7 +184,9 @@ def section_ghost(run: Run):
 
 def section_sync(run: Run):
     """A small conv net's SGD step on `REPLICAS` logical CPU devices, synchronized
-    batch norms against unsynchronized ones, kerasbn's and Keras's."""
+    batch norms against unsynchronized ones, kerasbn's and Keras's, and the
+    unsynchronized layer with a synchronized one's exchanges alone (the least a
+    synchronized step costs)."""
     config = run.config
     devices = tf.config.list_logical_devices("CPU")
     if len(devices) < REPLICAS:
@@ -203,6 +205,8 @@ def section_sync(run: Run):
     contenders = [
         Contender("kerasbn sync", OURS, step(kerasbn.BatchNormalization, True)),
         Contender("kerasbn", OURS, step(kerasbn.BatchNormalization, False)),
+        Contender(SYNC_EXCHANGES_ONLY, REFERENCE,
+                  step(contending.UnsynchronizedWithExchanges, False)),
         Contender("keras sync", THEIRS, step(keras.layers.BatchNormalization, True)),
         Contender("keras", THEIRS, step(keras.layers.BatchNormalization, False))]
     measure(run.report, "sync",
@@ -212,7 +216,8 @@ def section_sync(run: Run):
             params={"batch": batch, "image": list(image), "replicas": REPLICAS,
                     "blocks": config.sync_blocks},
             pairs=[("kerasbn sync", "kerasbn"), ("kerasbn sync", "keras sync"),
-                   ("keras sync", "keras")])
+                   ("keras sync", "keras"), (SYNC_EXCHANGES_ONLY, "kerasbn"),
+                   ("kerasbn sync", SYNC_EXCHANGES_ONLY)])
 
 
 # ------------------------------------------------------------------ resnet, export
