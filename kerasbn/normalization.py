@@ -78,8 +78,8 @@ def normalize_for_training(
     mean, variance = broadcast_against(mean, x, axes), broadcast_against(variance, x, axes)
     inv_std = tf.math.rsqrt(variance + epsilon)
 
-    # mean and inv_std come in from outside: their dependence on x is in the gradient
-    # below, and an input of their own would only get a zero gradient traced for it.
+    # mean, variance and inv_std come in from outside: their dependence on x is in the
+    # gradient below, and an input of their own would only get a zero gradient traced.
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
         if fused:
@@ -92,8 +92,7 @@ def normalize_for_training(
             with tf.name_scope(backward_scope):
                 return backward(dy)
 
-        def synchronized_backward(dy, x, mean, variance, gamma):
-            inv_std = tf.math.rsqrt(variance + epsilon)
+        def synchronized_backward(dy):
             sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
                                                   compiled=compiled)
             global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
@@ -118,7 +117,7 @@ def normalize_for_training(
                 return dx, sum_dy_x_hat, sum_dy
             if fused:
                 return fused_synchronized_backward(dy)
-            return synchronized_backward(dy, x, mean, variance, gamma)
+            return synchronized_backward(dy)
 
         return y, grad
 
