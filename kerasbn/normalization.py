@@ -143,8 +143,8 @@ def _fused_gradient_parts(dy, x, mean, variance, gamma, *, epsilon):
     """γ·inv_std·dy, Σ dy and Σ dy·x̂ of a [rows, channels] view, on the gradient kernel."""
     def plain(dy, x, mean, variance, gamma):
         inv_std = tf.math.rsqrt(variance + epsilon)
-        sum_dy, sum_dy_x_hat = _backward_terms(dy, _normalized(x, mean, inv_std))
-        return gamma * inv_std * dy, tf.reduce_sum(sum_dy, 0), tf.reduce_sum(sum_dy_x_hat, 0)
+        dy, dy_x_hat = _backward_terms(dy, _normalized(x, mean, inv_std))
+        return gamma * inv_std * dy, tf.reduce_sum(dy, 0), tf.reduce_sum(dy_x_hat, 0)
 
     @tf.custom_gradient
     def parts(*inputs):

@@ -27,7 +27,7 @@ MIN_BLOCKED_VALUES = 1 << 20
 # (`ops.moments`, compiled) against the blocks as they were, in one process, alternating:
 # a [65536, 64] view 1.31 -> 0.88 ms, [16384, 256] 1.03 -> 0.60 ms, a ghost view
 # [4, 2053, 128] 0.45 -> 0.35 ms; Σd and Σd² alone of [65536, 64] take 0.54 ms, 31 GB/s.
-# Rows of 4096 values were slower than of 2048 (0.89-1.11 against 0.78-0.93 ms).
+# Rows of 4096 values were slower than of 2048 (0.89-1.11 against 0.78-1.07 ms).
 WIDE_ROW_VALUES = 1 << 11
 
 
