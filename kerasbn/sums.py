@@ -21,9 +21,9 @@ MIN_BLOCKED_VALUES = 1 << 20
 
 # A block whose kept values are few a row (64 channels of a [pixels, channels] view)
 # sums faster seen as wider rows: 32 pixels a row, 2048 values, each block 8 such rows
-# summed into 2048 running totals, folded to the 64 channels after the loop. XLA's CPU
-# code runs a reduction that keeps the minor axis one row at a time, and a row of 64
-# values leaves too little to do between one row and the next. The moments' program
+# summed into 2048 running totals, folded to the 64 channels after the loop. Our reading
+# (not a profile): XLA's CPU code runs a reduction that keeps the minor axis one row at a
+# time, and a row of 64 values leaves too little to do between rows. The moments' program
 # (`ops.moments`, compiled) against the blocks as they were, in one process, alternating:
 # a [65536, 64] view 1.31 -> 0.88 ms, [16384, 256] 1.03 -> 0.60 ms, a ghost view
 # [4, 2053, 128] 0.45 -> 0.35 ms; Σd and Σd² alone of [65536, 64] take 0.54 ms, 31 GB/s.
