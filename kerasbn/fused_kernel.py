@@ -19,10 +19,9 @@ mean and variance and adds the terms of their dependence on x, the closed form o
 sums of every replica: there the gradient kernel in its inference form gives
 γ·dy/sqrt(var + ε) and this replica's Σdy and Σdy·x̂ (`gradient_parts`), and once the
 sums are exchanged, the forward kernel adds the affine of x̂ that completes dx. On CPU
-both kernels read
-`variance` as a variance; on GPU cuDNN reads the gradient's saved variance as
-1/sqrt(variance + ε) and runs its own workspace, which nothing here has executed: the
-kernels are used only where TensorFlow sees no GPU.
+both kernels read `variance` as a variance; on GPU cuDNN reads the gradient's saved
+variance as 1/sqrt(variance + ε) and runs its own workspace, which nothing here has
+executed: the kernels are used only where TensorFlow sees no GPU.
 """
 
 import functools
@@ -189,15 +188,12 @@ def normalize(x, mean, variance, gamma, beta, *, epsilon, backward_scope):
     """
     @tf.custom_gradient
     def _normalize(x, gamma, beta):
-        image = _as_image(x)
-        y = forward(image, mean, variance, gamma, beta, epsilon=epsilon)
-
         def grad(dy):
             with tf.name_scope(backward_scope):
-                dx, dgamma, dbeta = gradient(_as_image(dy), image, mean, variance, gamma,
-                                             epsilon=epsilon)
+                dx, dgamma, dbeta = gradient(_as_image(dy), _as_image(x), mean, variance,
+                                             gamma, epsilon=epsilon)
                 return tf.reshape(dx, tf.shape(x)), dgamma, dbeta
 
-        return tf.reshape(y, tf.shape(x)), grad
+        return forward_rows(x, mean, variance, gamma, beta, epsilon=epsilon), grad
 
     return _normalize(x, gamma, beta)

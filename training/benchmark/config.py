@@ -20,7 +20,7 @@ LEAST_EXACT_TRAINING = "fused kernels, statistics given"
 SYNC_EXCHANGES_ONLY = "kerasbn + the exchanges alone"
 # The copies of x (`contenders.copy_contenders`): numpy's, and TensorFlow's in a
 # `tf.function`, TensorFlow's per-call floor.
-COPIES = ("copy (numpy)", "copy (tf)")
+COPIES = NUMPY_COPY, TF_COPY = ("copy (numpy)", "copy (tf)")
 EPSILON, MOMENTUM = 1e-3, 0.99  # Keras's defaults, given to every contender
 NUM_CLASSES = 10
 # Bytes a call must move, as multiples of the size of x (see the bandwidth section).

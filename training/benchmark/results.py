@@ -10,7 +10,7 @@ import os
 import time
 
 from training.benchmark import optional
-from training.benchmark.config import BYTES_MOVED, COPIES, LEAST_INFERENCE
+from training.benchmark.config import BYTES_MOVED, LEAST_INFERENCE, TF_COPY
 from training.benchmark.harness import OURS, REFERENCE, THEIRS
 
 # ------------------------------------------------------------------ targets
@@ -65,7 +65,7 @@ def layer_targets(group):
                     ours, tensorflow, 0.8),
               check(f"layer training {case}: kerasbn / fastest PyTorch",
                     ours, fastest(group, torch_names), 1.0)]
-    floor = fastest(group, [COPIES[1]])
+    floor = fastest(group, [TF_COPY])
     if kind == "dense" and floor is not None and tensorflow is not None:
         checks.append(check(
             f"layer training {case}: kerasbn / (1.2 x TF floor + fastest TensorFlow "
