@@ -524,7 +524,8 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
         cost = {"kerasbn": 2.0, "keras": 4.0}[bn] + len(launched) / 100
         convert_s = {"kerasbn": 0.25, "keras": 0.0}[bn]
         return {"python_s": 0.1, "imports_s": 5.0, "build_s": 0.5, "convert_s": convert_s,
-                "fit_s": cost - 0.5, "first_step_s": cost, "total_s": cost + 5.1}
+                "fit_s": cost - 0.5, "first_step_s": cost, "total_s": cost + 5.1,
+                "teardown_s": cost / 10}
 
     monkeypatch.setattr(first_step, "run_fresh", run_fresh)
     cases = (config.FirstStepCase("resnet", 1, "off"), config.FirstStepCase("resnet", 4, "step"))
@@ -547,12 +548,17 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
     assert one["contenders"]["kerasbn build"]["median_ms"] == pytest.approx(500)
     assert one["contenders"]["kerasbn compile and fit"]["median_ms"] == pytest.approx(1540)
     assert one["contenders"]["kerasbn conversion"]["median_ms"] == pytest.approx(250)
+    # The wait after the last step until fit returns is reported, and no target.
+    assert one["contenders"]["kerasbn fit's return after its last step"]["median_ms"] == \
+        pytest.approx(204)
     assert "keras conversion" not in one["contenders"]  # nothing converted
     assert [(r["numerator"], r["denominator"]) for r in one["ratios"]] == [
         ("kerasbn", "keras"), ("kerasbn from process start", "keras from process start"),
-        ("kerasbn build", "keras build"), ("kerasbn compile and fit", "keras compile and fit")]
+        ("kerasbn build", "keras build"), ("kerasbn compile and fit", "keras compile and fit"),
+        ("kerasbn fit's return after its last step", "keras fit's return after its last step")]
     assert set(four["contenders"]) == {"keras", "keras from process start", "keras build",
-                                       "keras compile and fit"}
+                                       "keras compile and fit",
+                                       "keras fit's return after its last step"}
     assert four["case"] == "resnet, 4 CPU replicas, jit_compile=True"
     assert run.report.skipped == [{
         "section": "first_step", "contender": f"kerasbn ({four['case']})",
@@ -690,11 +696,14 @@ def test_quick_run_timed_ghost_statistics_and_first_step(quick_run):
     assert first["case"] == "resnet, 1 device, jit_compile=False"
     assert_timed(first, ["kerasbn", "keras", "kerasbn from process start",
                          "keras from process start", "kerasbn build", "keras build",
-                         "kerasbn compile and fit", "keras compile and fit"])
+                         "kerasbn compile and fit", "keras compile and fit",
+                         "kerasbn fit's return after its last step",
+                         "keras fit's return after its last step"])
     for bn in ("kerasbn", "keras"):
         (process,) = first["params"]["processes"][bn]
         assert set(process) == {"python_s", "imports_s", "build_s", "convert_s", "fit_s",
-                                "first_step_s", "total_s"}
+                                "first_step_s", "total_s", "teardown_s"}
+        assert process["teardown_s"] >= 0
         assert process["convert_s"] == 0.0  # the ResNet is written with its batch norm
         assert process["build_s"] + process["fit_s"] == pytest.approx(process["first_step_s"])
         assert 0 < process["first_step_s"] < process["total_s"]

@@ -329,10 +329,13 @@ def section_first_step(run: Run):
 
 
 # What the first_step section compares: the first step (from before the model is
-# built), from the process's start, and the first step's two parts: the build (with
-# the conversion, for a converted model) and compile + the first fit.
+# built to the end of the fit's last step), from the process's start, the first
+# step's two parts: the build (with the conversion, for a converted model) and
+# compile + the first fit, and the wait after the last step until `fit` returns
+# (TensorFlow's, see `first_step.training_end_callback`).
 FIRST_STEP_PARTS = (("", "first_step_s"), (" from process start", "total_s"),
-                    (" build", "build_s"), (" compile and fit", "fit_s"))
+                    (" build", "build_s"), (" compile and fit", "fit_s"),
+                    (" fit's return after its last step", "teardown_s"))
 
 
 def fresh_processes(run: Run, case: FirstStepCase, name: str):
@@ -360,7 +363,8 @@ def fresh_processes(run: Run, case: FirstStepCase, name: str):
             processes[bn].append(result)
             print(f"    {bn:<8} process {rep + 1}: build to first step "
                   f"{result['first_step_s']:.1f} s (build {result['build_s']:.1f}, compile "
-                  f"and fit {result['fit_s']:.1f}); imports {result['imports_s']:.1f} s, "
+                  f"and fit {result['fit_s']:.1f}; then {result['teardown_s']:.1f} until fit "
+                  f"returned); imports {result['imports_s']:.1f} s, "
                   f"from process start {result['total_s']:.1f} s", flush=True)
     return processes
 
