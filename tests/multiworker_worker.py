@@ -33,15 +33,16 @@ COLLECTIVE_OPS = ("CollectiveReduceV2", "CollectiveGatherV2", "CollectiveBcastSe
                   "CollectiveReduceScatterV2")
 
 
-def build_model(synchronized=True, bn=kerasbn.BatchNormalization):
-    """The model of the test: two synchronized batch norms. Shared with the test."""
-    kwargs = {"synchronized": synchronized, "momentum": 0.8}
+def build_model(synchronized=True, bn=kerasbn.BatchNormalization, dtype="float32"):
+    """The model of the test: two synchronized batch norms. Shared with the test, which
+    also builds it in float64 for its reference."""
+    kwargs = {"synchronized": synchronized, "momentum": 0.8, "dtype": dtype}
     return keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(5, use_bias=False),
+        keras.Input((6,), dtype=dtype),
+        keras.layers.Dense(5, use_bias=False, dtype=dtype),
         bn(**kwargs),
-        keras.layers.ReLU(),
-        keras.layers.Dense(3, use_bias=False),
+        keras.layers.ReLU(dtype=dtype),
+        keras.layers.Dense(3, use_bias=False, dtype=dtype),
         bn(**kwargs),
     ])
 

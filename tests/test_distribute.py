@@ -773,11 +773,11 @@ WORKER_TIMEOUT = 120  # seconds, for each worker process
 
 
 def test_multi_worker_training_matches_one_device(rng, tmp_path):
-    """2 worker processes (MultiWorkerMirroredStrategy): custom loop and fit vs one device."""
+    """2 worker processes (MultiWorkerMirroredStrategy): custom loop and fit vs one device,
+    in float64."""
     from multiworker_worker import build_model
 
-    reference_model = build_model(synchronized=False)
-    initial = reference_model.get_weights()
+    initial = build_model(synchronized=False).get_weights()
     inputs = {"num_weights": len(initial), **{f"weight_{i}": w for i, w in enumerate(initial)}}
     # Custom loop: per-worker batch sizes; in the second step worker 1 has no example.
     custom_sizes = [(4, 4), (3, 0), (2, 5)]
@@ -806,20 +806,29 @@ def test_multi_worker_training_matches_one_device(rng, tmp_path):
                         str(tmp_path), WORKER_TIMEOUT)
     results = [dict(np.load(path)) for path in outputs]
 
-    # The single-process reference: the same steps on the concatenated global batches.
+    # The reference: the same steps on the concatenated global batches, on one device,
+    # in float64 (two float32 runs that sum in different orders can each be 5e-6 from
+    # it and 1.1e-5 from each other: seed 2118609739).
+    def float64_reference():
+        model = build_model(synchronized=False, dtype="float64")
+        model.set_weights([w.astype(np.float64) for w in initial])
+        return model
+
+    custom_reference = float64_reference()
     optimizer = keras.optimizers.SGD(0.1)
     for x, y in custom_batches:
+        x, y = x.astype(np.float64), y.astype(np.float64)
         with tf.GradientTape() as tape:
-            prediction = reference_model(x, training=True)
+            prediction = custom_reference(x, training=True)
             loss = tf.reduce_sum(tf.square(prediction - y)) / len(x)
-        grads = tape.gradient(loss, reference_model.trainable_variables)
-        optimizer.apply_gradients(zip(grads, reference_model.trainable_variables))
-    custom_expected = [w.numpy() for w in reference_model.weights]
-    custom_outputs = reference_model.predict(inputs["eval_x"], verbose=0)
-    fit_reference = build_model(synchronized=False)
-    fit_reference.set_weights(initial)
+        grads = tape.gradient(loss, custom_reference.trainable_variables)
+        optimizer.apply_gradients(zip(grads, custom_reference.trainable_variables))
+    custom_expected = [w.numpy() for w in custom_reference.weights]
+    custom_outputs = custom_reference.predict(inputs["eval_x"].astype(np.float64), verbose=0)
+    fit_reference = float64_reference()
     fit_reference.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse", jit_compile=False)
-    fit_reference.fit(fit_x, fit_y, batch_size=2 * fit_batch, shuffle=False, verbose=0)
+    fit_reference.fit(fit_x.astype(np.float64), fit_y.astype(np.float64),
+                      batch_size=2 * fit_batch, shuffle=False, verbose=0)
     fit_expected = [w.numpy() for w in fit_reference.weights]
 
     for result in results:
