@@ -19,8 +19,7 @@ parent's clock just before it started this process):
     convert_s     of build_s, the time `convert_to_kerasbn` took (0 when nothing is
                   converted: the stock models, and the ResNet written with kerasbn)
     fit_s         then `compile` and the first `fit` trained: to the end of its last step
-                  (Keras's `on_train_end`,
-                  see `training_end_callback`)
+                  (Keras's `on_train_end`, see `training_end_callback`)
     first_step_s  build_s + fit_s: from before the model is built to the end of the
                   fit's last step
     total_s       from --spawned-at to the end of the fit's last step
@@ -148,14 +147,16 @@ def training_end_callback():
     """A Keras callback whose `ended` is the time of `on_train_end`: the end of a fit's
     last step, its logs fetched.
 
-    `fit` returns later, once it has let go of its input pipeline: TensorFlow (2.21)
-    then waits for tf.data's autotuning thread to finish a sleep whose length doubles
-    as the pipeline lives, an idle wait. Measured in fresh processes of the ResNet
-    compiled whole, for either batch norm: 0 to 2.4 s, with 0.003 s of CPU time in the
-    whole wait; with autotuning off (`tf.data.Options().autotune.enabled = False`) it
-    was gone in 10 processes of 10. It is no part of the model's first step, and as long
-    as the rest of a sleep that began seconds before, so `first_fit`'s times stop at the
-    last step and report the wait on its own (`teardown_s`).
+    `fit` returns later, once it has let go of its input pipeline, and with TensorFlow
+    2.21 that can take seconds of idle waiting. Measured in fresh processes of the
+    ResNet compiled whole, for either batch norm: 0 to 2.4 s, with 0.003 s of CPU time
+    in the whole wait; with tf.data's autotuning off
+    (`tf.data.Options().autotune.enabled = False`) it was gone in 10 processes of 10.
+    Our reading, not a trace: the wait is on tf.data's autotuning thread, which sleeps
+    between optimizations for a period that doubles as the pipeline lives. It is no
+    part of the model's first step and falls on either library at random, so
+    `first_fit`'s times stop at the last step and report the wait on its own
+    (`teardown_s`).
     """
     import keras
 
