@@ -363,24 +363,39 @@ class BatchNormalization(keras.layers.Layer):
 
         A batch with a non-finite statistic leaves every moving statistic at its last
         value; a channel with no values in the batch (every value masked) leaves that
-        channel's. The statistics that move with one momentum move as one stacked
-        tensor: one check, one average and one choice for both.
+        channel's. In a graph the statistics that move with one momentum move as one
+        stacked tensor: one check, one average and one choice for both, fewer ops to
+        trace and optimize. Inside an XLA program each moves on its own: the
+        elementwise math fuses into each variable's update, where a stack and its
+        slices are kernels of their own (MobileNetV2 compiled whole: 2 fusions less a
+        batch norm, 1,375 -> 1,271, and its compile 7.9 -> 7.3 s, medians of 4 fresh
+        processes alternating).
         """
         if self.bessel_correction:
             variance = variance * count / tf.maximum(count - 1.0, 1.0)
         if self.renorm:
-            batch = tf.stack([mean, tf.sqrt(variance + self.epsilon)])  # mean, stddev
+            batch = [mean, tf.sqrt(variance + self.epsilon)]  # mean, stddev
         else:
-            batch = tf.stack([mean, variance])
-        usable = tf.logical_and(ops.all_finite(batch), count > 0)
+            batch = [mean, variance]
+        stacked = not programs.in_xla_program()
+        if stacked:
+            batch = tf.stack(batch)
+        usable = tf.logical_and(ops.all_finite(batch) if stacked else ops.all_finite(*batch),
+                                count > 0)
         warmup = self._warmup_momentum(usable, mean.dtype) if self.momentum_warmup else None
+
+        def moved(old, value, momentum):
+            return tf.where(usable, ops.moving_average(old, value, momentum), old)
 
         def move(variables, momentum):
             if warmup is not None:
                 momentum = warmup(momentum)
-            old = tf.stack([tf.cast(variable, batch.dtype) for variable in variables])
-            new = tf.where(usable, ops.moving_average(old, batch, momentum), old)
-            for variable, value in zip(variables, tf.unstack(new)):
+            old = [tf.cast(variable, mean.dtype) for variable in variables]
+            if stacked:
+                new = tf.unstack(moved(tf.stack(old), batch, momentum))
+            else:
+                new = [moved(*pair, momentum) for pair in zip(old, batch)]
+            for variable, value in zip(variables, new):
                 variable.assign(tf.cast(value, variable.dtype))
             return new
 

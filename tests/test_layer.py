@@ -233,6 +233,43 @@ def test_a_non_finite_batch_never_reaches_the_moving_statistics(rng, bad):
     assert not np.array_equal(layer.moving_mean.numpy(), kept[0]), "later batches count"
 
 
+@pytest.mark.parametrize("options", [{}, {"renorm": True}, {"momentum_warmup": True},
+                                     {"bessel_correction": True}],
+                         ids=["plain", "renorm", "warmup", "bessel"])
+def test_inside_a_step_compiled_whole_the_statistics_move_as_in_a_graph(rng, options):
+    """A graph moves the statistics as one stacked tensor, an XLA program one by one
+    (`_update_moving_statistics`): the same numbers in float64, masked or not, and a
+    non-finite batch moves nothing."""
+    shape = (12, 4, 3)
+    layers = []
+    for _ in range(2):
+        layer = _randomized_layer(np.random.default_rng(7), -1, shape, momentum=0.7,
+                                  dtype="float64", **options)
+        layers.append(layer)
+    steps = [tf.function(lambda x, mask, layer=layer: layer(x, training=True, mask=mask),
+                         jit_compile=whole) for layer, whole in zip(layers, (False, True))]
+    initial = [w.numpy() for w in layers[1].non_trainable_weights]
+    mask = np.ones(shape[:-1], bool)
+    mask[:, 1] = False  # the last step keeps position 1 out of every channel's statistics
+    for i in range(4):
+        x = _batch(rng, shape, loc=rng.uniform(-3, 3), scale=rng.uniform(0.5, 2)).astype(
+            np.float64)
+        if i == 2:
+            x[5, 2, 1] = np.nan
+        before = [w.numpy() for w in layers[1].non_trainable_weights]
+        for step in steps:
+            step(tf.constant(x), tf.constant(mask if i == 3 else np.ones_like(mask)))
+        for graph, compiled in zip(layers[0].non_trainable_weights,
+                                   layers[1].non_trainable_weights):
+            np.testing.assert_allclose(compiled.numpy(), graph.numpy(), rtol=1e-12, atol=0,
+                                       err_msg=graph.name)
+        if i == 2:  # non-finite: every statistic kept, bit for bit
+            for kept, weight in zip(before, layers[1].non_trainable_weights):
+                np.testing.assert_array_equal(weight.numpy(), kept, err_msg=weight.name)
+    for start, weight in zip(initial, layers[1].non_trainable_weights):
+        assert not np.array_equal(weight.numpy(), start), f"{weight.name} moved"
+
+
 def test_a_batch_of_fully_masked_steps_leaves_the_moving_statistics(rng):
     layer = _randomized_layer(rng, -1, (4, 5, 3))
     kept = layer.moving_mean.numpy()
