@@ -92,20 +92,23 @@ def normalize_for_training(
             with tf.name_scope(backward_scope):
                 return backward(dy)
 
+        def global_means(sum_dy, sum_dy_x_hat):
+            """[mean(dy), mean(dy·x̂)] over every replica: the one exchange of a backward."""
+            global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
+            return tf.unstack(per_value(global_sums, count))
+
         def synchronized_backward(dy):
             sum_dy, sum_dy_x_hat = _backward_sums(x, dy, mean, inv_std, axes,
                                                   compiled=compiled)
-            global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
-            mean_sums = tf.unstack(per_value(global_sums, count))
-            dx = _backward_dx(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
+            dx = _backward_dx(x, dy, mean, inv_std, gamma,
+                              global_means(sum_dy, sum_dy_x_hat), weights, axes,
                               compiled=compiled)
             return dx, sum_dy_x_hat, sum_dy
 
         def fused_synchronized_backward(dy):
             scaled_dy, sum_dy, sum_dy_x_hat = _fused_gradient_parts(
                 dy, x, mean, variance, gamma, epsilon=epsilon)
-            global_sums = sum_across_replicas(tf.stack([sum_dy, sum_dy_x_hat]))
-            mean_dy, mean_dy_x_hat = tf.unstack(per_value(global_sums, count))
+            mean_dy, mean_dy_x_hat = global_means(sum_dy, sum_dy_x_hat)
             dx = _fused_synchronized_dx(scaled_dy, x, mean, variance, gamma, mean_dy,
                                         mean_dy_x_hat, epsilon=epsilon)
             return dx, sum_dy_x_hat, sum_dy
