@@ -114,3 +114,55 @@ def test_blocked_sums_have_the_gradient_of_the_plain_sums(rng, shape, axes):
 
     for blocked, plain in zip(gradient(True), gradient(False)):
         assert reference.relative_error(blocked, plain) < 1e-5
+
+
+# ------------------------------------------------------------------ side by side
+
+# (shape, reduction axes, summed side by side inside an XLA program): no reduced axis
+# longer than 32 (NHWC as it is, channels in the middle, a dense batch), or one longer.
+SIDE_BY_SIDE = [((32, 8, 8, 16), [0, 1, 2], True), ((16, 12, 5), [0, 2], True),
+                ((24, 40), [0], True), ((64, 8, 8, 16), [0, 1, 2], False),
+                ((2048, 16), [0], False)]
+
+
+@pytest.mark.parametrize("shape,axes,side_by_side", SIDE_BY_SIDE,
+                         ids=["nhwc", "middle", "dense", "batch-64", "view"])
+def test_inside_xla_short_axes_are_summed_side_by_side_as_exactly(rng, shape, axes,
+                                                                  side_by_side):
+    """`reduce_sums` in an XLA program: one reduction of the terms concatenated, where
+    XLA's CPU compiler keeps it one fused kernel (no reduced axis over 32), else one
+    reduction a term; the same sums to float32 rounding either way, and outside XLA
+    always one a term."""
+    x, shift = _inputs(rng, shape, axes)
+    program = tf.function(lambda x, shift: sums.reduce_sums(_deviation_terms(x, shift), axes),
+                          jit_compile=True)
+    deviations = x.astype(np.float64) - shift.astype(np.float64)
+    scale = np.abs(deviations).sum(axis=tuple(axes)).max()
+    for actual, exact in zip(program(tf.constant(x), tf.constant(shift)),
+                             [deviations.sum(axis=tuple(axes)),
+                              np.square(deviations).sum(axis=tuple(axes))]):
+        assert np.max(np.abs(actual.numpy() - exact)) < 1e-5 * scale
+    hlo = program.experimental_get_compiler_ir(tf.constant(x), tf.constant(shift))(stage="hlo")
+    assert ("concatenate(" in hlo) == side_by_side
+    graph = tf.function(lambda x, shift: sums.reduce_sums(_deviation_terms(x, shift), axes))
+    ops = graph.get_concrete_function(tf.constant(x), tf.constant(shift)).graph.get_operations()
+    assert not any(op.type == "ConcatV2" for op in ops)
+
+
+def test_side_by_side_sums_have_the_gradient_of_separate_sums(rng):
+    x, shift = _inputs(rng, (16, 8, 8, 4), [0, 1, 2])
+    x = tf.constant(x.astype(np.float64))
+    shift = tf.constant(shift.astype(np.float64))
+    upstream = [tf.constant(rng.standard_normal(4)), tf.constant(rng.standard_normal(4))]
+
+    @tf.function(jit_compile=True)
+    def side_by_side(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            totals = sums.reduce_sums(_deviation_terms(x, shift), [0, 1, 2])
+        return tape.gradient(totals, x, output_gradients=upstream)
+
+    deviations = x - shift
+    expected = upstream[0] + 2.0 * deviations * upstream[1]
+    np.testing.assert_allclose(side_by_side(x).numpy(),
+                               np.broadcast_to(expected.numpy(), x.shape), rtol=1e-12)
