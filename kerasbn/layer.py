@@ -178,7 +178,6 @@ class BatchNormalization(keras.layers.Layer):
             )
         self._channel_shape = channel_shape
         self._layout = ops.Layout(input_shape, self._channel_axes)
-        self._layout_as_it_is = ops.Layout(input_shape, self._channel_axes, merge_axes=False)
         if self.scale:
             self.gamma = self.add_weight(
                 shape=channel_shape, name="gamma", initializer=self.gamma_initializer,
@@ -279,7 +278,7 @@ class BatchNormalization(keras.layers.Layer):
         if self.virtual_batch_size is not None:
             return self._normalize_in_virtual_batches(
                 inputs, self._mask_weights(mask, inputs), compiled)
-        layout = self._training_layout(inputs.shape)
+        layout = self._layout
         x = layout.view(inputs)
         weights = self._mask_weights(mask, inputs)
         if weights is not None:
@@ -305,18 +304,7 @@ class BatchNormalization(keras.layers.Layer):
             compiled=compiled, fused=fused,
         )
         self._update_moving_statistics(*(layout.to_channels(t) for t in (count, mean, variance)))
-        return layout.unview(outputs, inputs)
-
-    def _training_layout(self, shape):
-        """The layout a training step's statistics are taken in: the view, or the input
-        as it is where a step compiled whole reduces that better
-        (`programs.reduces_as_it_is`) and γ and β take one shape in both (channels on
-        adjacent axes are one axis of the view)."""
-        as_it_is = self._layout_as_it_is
-        if (as_it_is.view_channel_shape == self._layout.view_channel_shape
-                and programs.reduces_as_it_is(shape, as_it_is.axes)):
-            return as_it_is
-        return self._layout
+        return self._layout.unview(outputs, inputs)
 
     def _scaled_for_training(self, mean, variance):
         """γ and β for the batch statistics (mean, variance), with Batch Renormalization's

@@ -233,7 +233,7 @@ def _backward(x, dy, mean, inv_std, gamma, count, weights, axes, *, compiled):
         x_hat = None
     else:
         x_hat = _normalized(x, mean, inv_std)
-        totals = sums.reduce_sums(_backward_terms(dy, x_hat), axes)
+        totals = [tf.reduce_sum(t, axes) for t in _backward_terms(dy, x_hat)]
     mean_sums = [per_value(total, count) for total in totals]
     dx = _backward_dx.body(x, dy, mean, inv_std, gamma, mean_sums, weights, axes,
                            compiled=compiled, x_hat=x_hat)

@@ -128,24 +128,19 @@ class Layout:
     a last partial batch hits it); reshaped to the view and back, an empty tensor takes
     the shape it should have. `tests/test_layer.py` checks it.
 
-    With `merge_axes=False` the layout keeps the input as it is (one group an axis):
-    what a step XLA compiles whole reduces best when the input is small (see
-    `programs.reduces_as_it_is`); XLA's own convolution has no such defect.
-
     Args:
         input_shape: the full input shape (the channel dims must be known).
         channel_axes: sorted non-negative channel axes.
-        merge_axes: merge runs of adjacent axes of one kind (the view), or not.
     """
 
-    def __init__(self, input_shape, channel_axes, merge_axes=True):
+    def __init__(self, input_shape, channel_axes):
         self.rank = len(input_shape)
         self.channel_axes = list(channel_axes)
         self.channel_shape = [input_shape[a] for a in self.channel_axes]
         self.groups = []
         for axis in range(self.rank):
             is_channel = axis in self.channel_axes
-            if merge_axes and self.groups and self.groups[-1][0] == is_channel:
+            if self.groups and self.groups[-1][0] == is_channel:
                 self.groups[-1][1].append(axis)
             else:
                 self.groups.append((is_channel, [axis]))

@@ -92,56 +92,6 @@ def compiles(jit_compile, shape):
     return worth_compiling(shape) if jit_compile == "auto" else jit_compile
 
 
-# Inside a step compiled whole, XLA's CPU compiler (TensorFlow 2.21) rewrites every
-# reduction over an axis longer than 32 values as a tree of reduce-windows (its
-# TreeReductionRewriter): kernels of their own that take in none of the elementwise work
-# feeding them, so what they sum is first written out in full. The layout's [N·H·W, C]
-# view always has such an axis; the input as it is often has none (NHWC, a batch of 32,
-# images of at most 32×32), and there XLA fuses the deviations and their squares into one
-# reduction (`sums.reduce_sums`). Measured in session 14 (README, Performance): a
-# converted MobileNetV2 (alpha 0.35, 32×32, batch 32) compiled whole went from 1,271 to
-# 1,037 fusions (Keras's layer 882) and its steps took what they took; the project's
-# ResNet at batch 32 stepped 19.6 -> 23.8 ms with every input as it is (the trees of its
-# large first stages run on both cores) and 20.1 ms with those of at most 2^17 values.
-TREE_REDUCTION_WINDOW = 32
-AS_IT_IS_MAX_VALUES = 1 << 17
-
-
-def short_axes(shape, axes):
-    """Whether no axis of `axes` is longer than `TREE_REDUCTION_WINDOW` (32) in `shape`,
-    an unknown batch size counted as `ASSUMED_BATCH_SIZE`: a reduction XLA's CPU
-    compiler keeps as one fused kernel. False when an axis after the batch is unknown.
-
-    Args:
-        shape: the reduced tensor's shape (a `tf.TensorShape` or a list).
-        axes: the reduced axes.
-
-    Returns:
-        A bool.
-    """
-    dims = tf.TensorShape(shape).as_list()
-    lengths = [ASSUMED_BATCH_SIZE if a == 0 and dims[0] is None else dims[a] for a in axes]
-    return all(length is not None and length <= TREE_REDUCTION_WINDOW for length in lengths)
-
-
-def reduces_as_it_is(shape, axes):
-    """Whether a batch norm traced into a step compiled whole takes the statistics of
-    its input as it is, rather than of the layout's view (see `ops.Layout`): inside an
-    XLA program, for an input of at most `AS_IT_IS_MAX_VALUES` (131,072) values whose
-    reduced `axes` are all `short_axes`.
-
-    Args:
-        shape: the input's shape (a `tf.TensorShape` or a list).
-        axes: the input's reduction axes.
-
-    Returns:
-        A bool.
-    """
-    values = assumed_values(shape)
-    return (values is not None and values <= AS_IT_IS_MAX_VALUES and short_axes(shape, axes)
-            and in_xla_program())
-
-
 def in_xla_program():
     """True while tracing code that XLA compiles as a whole (a `tf.function` with
     `jit_compile=True`, such as a model compiled with `jit_compile=True`): a piece

@@ -6,8 +6,6 @@ import math
 
 import tensorflow as tf
 
-from kerasbn import programs
-
 # Under XLA on CPU a reduction runs as a library call that does not take in the
 # elementwise work feeding it: Σ(x - K)² first writes (x - K)² out in full, and a
 # fresh buffer the size of the input costs more than the sum itself (its memory is
@@ -44,9 +42,7 @@ def channel_sums(terms, tensors, params, axes, compiled):
     direct sums (a gradient penalty differentiates through here).
     """
     def direct(*args, keepdims=False):
-        if keepdims:
-            return [tf.reduce_sum(t, axes, keepdims=True) for t in terms(*args)]
-        return reduce_sums(terms(*args), axes, compiled)
+        return [tf.reduce_sum(t, axes, keepdims=keepdims) for t in terms(*args)]
 
     rank, size = tensors[0].shape.rank, tensors[0].shape.num_elements()
     if not compiled or rank is None or (size is not None and size < MIN_BLOCKED_VALUES):
@@ -206,35 +202,6 @@ class _Blocks:
         if part is not None:
             begin[0], sizes[0] = tf.minimum(part, dims[0] - 1), 1
         return tf.slice(t, tf.stack(begin), tf.stack(sizes))
-
-
-def reduce_sums(summed, axes, compiled=False):
-    """Σ over `axes` of each tensor of `summed` (a list of tensors of one shape).
-
-    Inside an XLA program (`compiled`, or traced into a step compiled whole), when no
-    reduced axis is long enough for XLA's CPU compiler to rewrite the reduction as a
-    tree (`programs.short_axes`), the tensors are summed as one reduction of them side
-    by side (concatenated along the last kept axis): one fused kernel that reads the
-    input once for every sum. Summed one by one there, a plain sum (Σ(x - K), Σdy) is
-    handed to a library reduction that takes in no elementwise work, so what it sums is
-    first written out in full.
-
-    Args:
-        summed: a list of tensors of one shape.
-        axes: the reduced axes (at least one axis kept).
-        compiled: whether the caller runs as an XLA program of its own.
-
-    Returns:
-        A list of tensors, the sums, without kept dims.
-    """
-    shape = summed[0].shape
-    if (len(summed) > 1 and (compiled or programs.in_xla_program())
-            and shape.is_fully_defined() and all(t.shape == shape for t in summed)
-            and len(axes) < shape.rank and programs.short_axes(shape, axes)):
-        kept = [a for a in range(shape.rank) if a not in axes][-1]
-        total = tf.reduce_sum(tf.concat(summed, kept), axes)
-        return tf.split(total, len(summed), axis=kept - sum(1 for a in axes if a < kept))
-    return [tf.reduce_sum(t, axes) for t in summed]
 
 
 def _right_aligned(shape, rank):

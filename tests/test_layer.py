@@ -270,57 +270,6 @@ def test_inside_a_step_compiled_whole_the_statistics_move_as_in_a_graph(rng, opt
         assert not np.array_equal(weight.numpy(), start), f"{weight.name} moved"
 
 
-@pytest.mark.parametrize("axis,shape,as_it_is", [
-    (-1, (32, 8, 8, 6), True),      # NHWC, no axis over 32: the input as it is
-    (1, (8, 6, 5, 4), True),        # channels first
-    (-1, (24, 6), True),            # dense
-    ([2, 3], (8, 4, 3, 2), True),   # channels on two adjacent axes: the view, 32 rows
-    (-1, (64, 4, 4, 6), False),     # a batch of 64: the [N·H·W, C] view
-    (-1, (32, 32, 32, 5), False),   # 163,840 values: the view
-], ids=["nhwc", "nchw", "dense", "two-axes", "batch-64", "large"])
-@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
-def test_a_step_compiled_whole_takes_small_inputs_as_they_are(rng, axis, shape, as_it_is,
-                                                              masked):
-    """Inside a step compiled whole a small input is reduced as it is, a large one (or
-    one with an axis over 32) as the view (`programs.reduces_as_it_is`); either way y,
-    the gradients and the moving statistics are Algorithm 1's in float64, and the
-    optimized program has no tree of reduce-windows where the input is taken as it is."""
-    layer = _randomized_layer(rng, axis, shape, momentum=0.5)
-    channel_axes = reference.channel_axes(len(shape), axis)
-    x = _batch(rng, shape, loc=rng.uniform(-50, 50), scale=rng.uniform(0.5, 3))
-    cotangent = rng.standard_normal(shape).astype(np.float32)
-    mask = rng.random(shape[:-1]) < 0.8 if masked else None
-    before = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
-
-    @tf.function(jit_compile=True)
-    def step(x, mask):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = layer(x, training=True, mask=mask)
-            loss = tf.reduce_sum(y * cotangent)
-        return (y, *tape.gradient(loss, [x, layer.gamma, layer.beta]))
-
-    arguments = (tf.constant(x), None if mask is None else tf.constant(mask))
-    assert programs.reduces_as_it_is(shape, _reduced_axes(shape, channel_axes)) is False
-    weights = None if mask is None else reference.keras_mask_weights(mask, shape)
-    gamma, beta = layer.gamma.numpy(), layer.beta.numpy()
-    y, dx, dgamma, dbeta, count, mean, variance = reference.train_step(
-        x, weights, channel_axes, gamma, beta, cotangent, layer.epsilon)
-    results = step(*arguments)
-    for actual, exact, limit in zip(results, (y, dx, dgamma, dbeta), (1e-5, 1e-4, 1e-5, 1e-5)):
-        assert reference.relative_error(actual.numpy(), exact) < limit
-    for variable, old, value in zip((layer.moving_mean, layer.moving_variance), before,
-                                    (mean, variance)):
-        expected = reference.moving_average(old, value, 0.5)
-        assert reference.relative_error(variable.numpy(), expected) < 1e-5
-    hlo = step.experimental_get_compiler_ir(*arguments)(stage="optimized_hlo")
-    assert ("reduce-window(" not in hlo) == as_it_is
-
-
-def _reduced_axes(shape, channel_axes):
-    return [a for a in range(len(shape)) if a not in channel_axes]
-
-
 def test_a_batch_of_fully_masked_steps_leaves_the_moving_statistics(rng):
     layer = _randomized_layer(rng, -1, (4, 5, 3))
     kept = layer.moving_mean.numpy()
