@@ -430,9 +430,9 @@ and training.models' ResNet; on one device and on 4 CPU replicas
 and jit_compile=True (which fails on CPU replicas: recorded as "not
 runnable here" with the error). The figure is from before the model is
 built to the end of the fit's last step (Keras's on_train_end); the time
-from the process's start is shown beside it, the wait after the last step
-until fit returns (an idle wait on tf.data's autotuning) apart,
-and the imports are in results.json. Median of 3 processes
+from the process's start is shown beside it, and apart from it the wait
+after the last step until fit returns (an idle wait, on tf.data's
+autotuning as far as measured); the imports are in results.json. Median of 3 processes
 (--reps N: N). Cost: 16 processes of 10 s to 3 min each, 16 min at
 --reps 1 on 2 cores at load 7-8 (3 times that by default); --quick: the
 ResNet 8x8x1 on one device, one process each."""),
