@@ -36,7 +36,7 @@ class BatchNormalization(keras.layers.Layer):
     the renorm ones) copy between the two layers one to one. What it adds: exact
     variance (no E[x²] - E[x]²), a hand-derived gradient, `axis` as a list,
     cross-replica statistics in one collective per pass, replica groups, Bessel's
-    correction, and moving statistics that a non-finite batch cannot corrupt.
+    correction, and moving statistics that non-finite values cannot corrupt.
 
     Args:
         axis: the channel axis, or a list of axes, that keep their own statistics.
@@ -359,13 +359,17 @@ class BatchNormalization(keras.layers.Layer):
     # ---------------------------------------------------------------- moving statistics
 
     def _update_moving_statistics(self, count, mean, variance):
-        """Moves the averages toward this batch, unless its statistics are unusable.
+        """Moves each channel's averages toward this batch, where its statistics are usable.
 
-        A batch with a non-finite statistic leaves every moving statistic at its last
-        value; a channel with no values in the batch (every value masked) leaves that
-        channel's. In a graph the statistics that move with one momentum move as one
-        stacked tensor: one check, one average and one choice for both, fewer ops to
-        trace and optimize. Inside an XLA program each moves on its own: the
+        A channel moves only when the batch gave it values (not every one masked) and
+        all its statistics are finite; any other channel keeps every moving statistic
+        (and its warm-up count) bit for bit. The check is elementwise, channel by
+        channel: a check of the whole batch reduces over the channels, a kernel of its
+        own inside an XLA program that every update waits for (MobileNetV2 compiled
+        whole: XLA's compile 0.45 s shorter, median of 10 alternations in one process,
+        8 of them shorter). In a graph the statistics that move with one momentum move
+        as one stacked tensor: one check, one average and one choice for both, fewer
+        ops to trace and optimize. Inside an XLA program each moves on its own: the
         elementwise math fuses into each variable's update, where a stack and its
         slices are kernels of their own (MobileNetV2 compiled whole: 2 fusions less a
         batch norm, 1,375 -> 1,271, and its compile 7.9 -> 7.3 s, medians of 4 fresh
@@ -380,8 +384,7 @@ class BatchNormalization(keras.layers.Layer):
         stacked = not programs.in_xla_program()
         if stacked:
             batch = tf.stack(batch)
-        usable = tf.logical_and(ops.all_finite(batch) if stacked else ops.all_finite(*batch),
-                                count > 0)
+        usable = tf.logical_and(ops.finite_channels(batch, stacked=stacked), count > 0)
         warmup = self._warmup_momentum(usable, mean.dtype) if self.momentum_warmup else None
 
         def moved(old, value, momentum):

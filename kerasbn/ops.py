@@ -486,6 +486,22 @@ def moving_average(average, value, momentum):
     return average * momentum + value * (1.0 - momentum)
 
 
+def finite_channels(statistics, *, stacked):
+    """Per channel, True where every statistic is finite (neither NaN nor infinite).
+
+    Args:
+        statistics: tensors of the channel shape, or (`stacked=True`) one tensor
+            holding them stacked on a new first axis.
+        stacked: whether `statistics` is one stacked tensor.
+
+    Returns:
+        A bool tensor of the channel shape.
+    """
+    if stacked:
+        return tf.reduce_all(tf.math.is_finite(statistics), axis=0)
+    return functools.reduce(tf.logical_and, [tf.math.is_finite(t) for t in statistics])
+
+
 def all_finite(*tensors):
     """A scalar bool: True when no element of any tensor is NaN or infinite."""
     first = tensors[0]

@@ -219,18 +219,29 @@ def test_bessel_correction_keeps_the_unbiased_variance(rng):
                                rtol=0, atol=1e-5 * x.std(axis=0).min())
 
 
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_non_finite_batch_never_reaches_the_moving_statistics(rng, bad):
-    layer = _randomized_layer(rng, -1, (8, 3))
-    layer(_batch(rng, (8, 3)), training=True)
+def test_a_non_finite_channel_never_reaches_the_moving_statistics(rng, bad, jit_compile):
+    """The channel with a non-finite value keeps its statistics bit for bit; the other
+    channels move with their own batch statistics, as a float64 reference does."""
+    momentum = 0.9
+    layer = _randomized_layer(rng, -1, (8, 3), momentum=momentum)
+    step = tf.function(lambda x: layer(x, training=True), jit_compile=jit_compile)
+    step(tf.constant(_batch(rng, (8, 3))))
     kept = [layer.moving_mean.numpy(), layer.moving_variance.numpy()]
     x = _batch(rng, (8, 3))
     x[2, 1] = bad
-    layer(x, training=True)
-    np.testing.assert_array_equal(layer.moving_mean.numpy(), kept[0])
-    np.testing.assert_array_equal(layer.moving_variance.numpy(), kept[1])
-    layer(_batch(rng, (8, 3)), training=True)
-    assert not np.array_equal(layer.moving_mean.numpy(), kept[0]), "later batches count"
+    step(tf.constant(x))
+    _, mean, variance = reference.moments(x, [1])
+    for weight, before, batch in zip((layer.moving_mean, layer.moving_variance), kept,
+                                     (mean, variance)):
+        assert np.all(np.isfinite(weight.numpy())), weight.name
+        np.testing.assert_array_equal(weight.numpy()[1], before[1], err_msg=weight.name)
+        np.testing.assert_allclose(weight.numpy()[[0, 2]],
+                                   reference.moving_average(before, batch, momentum)[[0, 2]],
+                                   rtol=1e-5, err_msg=weight.name)
+    step(tf.constant(_batch(rng, (8, 3))))
+    assert layer.moving_mean.numpy()[1] != kept[0][1], "later batches count"
 
 
 @pytest.mark.parametrize("options", [{}, {"renorm": True}, {"momentum_warmup": True},
@@ -239,7 +250,7 @@ def test_a_non_finite_batch_never_reaches_the_moving_statistics(rng, bad):
 def test_inside_a_step_compiled_whole_the_statistics_move_as_in_a_graph(rng, options):
     """A graph moves the statistics as one stacked tensor, an XLA program one by one
     (`_update_moving_statistics`): the same numbers in float64, masked or not, and a
-    non-finite batch moves nothing."""
+    channel with a non-finite value moves nothing."""
     shape = (12, 4, 3)
     layers = []
     for _ in range(2):
@@ -263,9 +274,12 @@ def test_inside_a_step_compiled_whole_the_statistics_move_as_in_a_graph(rng, opt
                                    layers[1].non_trainable_weights):
             np.testing.assert_allclose(compiled.numpy(), graph.numpy(), rtol=1e-12, atol=0,
                                        err_msg=graph.name)
-        if i == 2:  # non-finite: every statistic kept, bit for bit
+        if i == 2:  # channel 1 non-finite: its statistics kept, bit for bit
             for kept, weight in zip(before, layers[1].non_trainable_weights):
-                np.testing.assert_array_equal(weight.numpy(), kept, err_msg=weight.name)
+                np.testing.assert_array_equal(weight.numpy()[1], kept[1],
+                                              err_msg=weight.name)
+                assert not np.array_equal(weight.numpy()[[0, 2]], kept[[0, 2]]), (
+                    f"{weight.name}: the finite channels move")
     for start, weight in zip(initial, layers[1].non_trainable_weights):
         assert not np.array_equal(weight.numpy(), start), f"{weight.name} moved"
 
@@ -434,11 +448,11 @@ def test_warm_up_counts_only_the_batches_that_reach_the_statistics(rng):
     layer(x, training=True)
     bad = x.copy()
     bad[0, 0, 0] = np.nan
-    layer(bad, training=True)  # non-finite: no update anywhere
+    layer(bad, training=True)  # channel 0 non-finite: only 1 and 2 count
     mask = np.ones((4, 3), bool)
     mask[:, 1] = False
     layer(x, training=True, mask=mask)  # channel 1 has no value: only 0 and 2 count
-    np.testing.assert_array_equal(layer.update_count.numpy(), [2.0, 1.0, 2.0])
+    np.testing.assert_array_equal(layer.update_count.numpy(), [2.0, 2.0, 3.0])
 
 
 def test_warm_up_count_survives_a_keras_file_round_trip(rng, tmp_path):

@@ -185,6 +185,19 @@ def test_all_finite_detects_nan_and_inf():
     assert bool(ops.all_finite(tf.ones([2, 3])))  # one tensor: one check, no stack
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["tensors", "stacked"])
+@pytest.mark.parametrize("channel_shape", [(5,), (2, 3)], ids=str)
+def test_finite_channels_marks_each_channel_with_a_nan_or_inf(rng, stacked, channel_shape):
+    statistics = rng.standard_normal((2,) + channel_shape)
+    flat = statistics.reshape(2, -1)
+    flat[0, 1], flat[1, 2], flat[1, 0] = np.nan, np.inf, -np.inf
+    expected = np.ones(flat.shape[1], bool)
+    expected[[0, 1, 2]] = False
+    given = tf.constant(statistics) if stacked else [tf.constant(s) for s in statistics]
+    result = ops.finite_channels(given, stacked=stacked)
+    np.testing.assert_array_equal(result.numpy(), expected.reshape(channel_shape))
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
 def test_variance_survives_outliers_where_the_shift_is_sampled(rng, compiled):
     """The shift comes from the first values; outliers there must not cost accuracy."""
