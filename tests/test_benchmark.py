@@ -22,6 +22,7 @@ import tensorflow as tf
 from training.benchmark import cli, config, first_step, harness, optional, results, \
     sections
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing
+from training.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_SECONDS = 900  # 1-2 minutes on an idle 2-core machine; far more when it is busy
@@ -380,10 +381,11 @@ def test_config_with_reps_and_as_json():
     changed = {f.name for f in dataclasses.fields(quick)
                if getattr(quick, f.name) != getattr(config.QUICK, f.name)}
     assert changed == {"layer_reps", "sync_reps", "resnet_reps", "export_reps",
-                       "statistics_reps", "ghost_reps", "first_step_reps"}
+                       "statistics_reps", "ghost_reps", "first_step_reps",
+                       "xla_compile_reps"}
     assert quick.layer_reps == quick.sync_reps == quick.resnet_reps == \
         quick.export_reps == quick.statistics_reps == quick.ghost_reps == \
-        quick.first_step_reps == 2
+        quick.first_step_reps == quick.xla_compile_reps == 2
     with pytest.raises(dataclasses.FrozenInstanceError):
         quick.warmup = 5
     document = json.loads(json.dumps(config.QUICK.to_json()))
@@ -393,7 +395,8 @@ def test_config_with_reps_and_as_json():
         "resnet_xla", "export_batches", "export_all", "statistics_cases", "statistics_reps",
         "ghost_shape", "ghost_virtual_batch_size", "ghost_reps", "first_step_cases",
         "first_step_reps", "first_step_image", "first_step_batch", "first_step_steps",
-        "first_step_timeout", "accuracy_shape", "accuracy_offsets"]
+        "first_step_timeout", "xla_compile_models", "xla_compile_reps", "accuracy_shape",
+        "accuracy_offsets"]
     assert document["layer_cases"] == [["NHWC", [16, 16, 16, 32], -1],
                                        ["dense", [64, 256], -1],
                                        ["NCHW", [16, 32, 16, 16], 1]]
@@ -565,6 +568,53 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
         "reason": "not runnable here: InvalidArgumentError: Trying to access resource"}]
 
 
+# ------------------------------------------------------------------ xla_compile
+
+
+def test_xla_compile_time_compiles_a_new_step_that_trains(rng):
+    model = build_model("resnet", (8, 8, 1), config.NUM_CLASSES, bn="kerasbn")
+    x = tf.constant(rng.standard_normal((16, 8, 8, 1), dtype=np.float32))
+    y = tf.constant(rng.integers(0, config.NUM_CLASSES, 16).astype(np.int32))
+    before = [weight.numpy() for weight in model.weights]
+    trace_s, compile_s = sections.contending.xla_compile_time(model, x, y)
+    again = sections.contending.xla_compile_time(model, x, y)
+    assert trace_s > 0 and compile_s > 0 and again[1] > 0  # a new function, compiled anew
+    after = [weight.numpy() for weight in model.weights]
+    changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
+    assert all(changed[:2]), "the step trains (the first conv's kernel and bias)"
+    moving = [i for i, w in enumerate(model.weights) if "moving_mean" in w.path]
+    assert moving and all(changed[i] for i in moving), "and moves the statistics"
+
+
+def test_xla_compile_section_alternates_and_records_the_ratio(monkeypatch):
+    built, compiled = [], []
+    monkeypatch.setattr(sections.first_step, "build",
+                        lambda name, bn, image, strategy: built.append((name, bn)) or
+                        ((name, bn), 0.0))
+
+    def xla_compile_time(model, x, y):
+        compiled.append(model[1])
+        return 0.5, {"kerasbn": 3.0, "keras": 2.0}[model[1]] + len(compiled) / 100
+
+    monkeypatch.setattr(sections.contending, "xla_compile_time", xla_compile_time)
+    run = sections.Run(dataclasses.replace(config.QUICK, xla_compile_reps=3,
+                                           xla_compile_models=("mobilenet", "resnet")),
+                       ("xla_compile",), np.random.default_rng(0), Report())
+    sections.section_xla_compile(run)
+    assert built == [("mobilenet", "kerasbn"), ("mobilenet", "keras"),
+                     ("resnet", "kerasbn"), ("resnet", "keras")]
+    assert compiled[:6] == ["kerasbn", "keras", "keras", "kerasbn", "kerasbn", "keras"]
+    mobilenet, resnet = run.report.groups
+    assert mobilenet["case"] == "mobilenet training step compiled whole, batch 16"
+    assert mobilenet["contenders"]["kerasbn XLA compile"]["median_ms"] == \
+        pytest.approx(3040)
+    assert mobilenet["contenders"]["keras XLA compile"]["median_ms"] == pytest.approx(2030)
+    assert mobilenet["contenders"]["keras trace"]["median_ms"] == pytest.approx(500)
+    assert [(r["numerator"], r["denominator"]) for r in resnet["ratios"]] == [
+        ("kerasbn XLA compile", "keras XLA compile"), ("kerasbn trace", "keras trace")]
+    assert resnet["ratios"][0]["ratio"] == pytest.approx(3.10 / 2.09)  # medians
+
+
 # ------------------------------------------------------------------ the quick run
 
 LAYER_CONTENDERS = ["kerasbn", "kerasbn XLA", "kerasbn jit_compile=True",
@@ -679,7 +729,7 @@ def test_quick_run_measured_what_each_layer_records_for_one_batch(quick_run):
     assert all(r["variance_error"] < 1e-4 for r in accuracy[0]["contenders"].values())
 
 
-def test_quick_run_timed_ghost_statistics_and_first_step(quick_run):
+def test_quick_run_timed_ghost_statistics_first_step_and_xla_compile(quick_run):
     _, document, _ = quick_run
     skipped = {s["contender"].split(" (")[0] for s in document["skipped"]}
     (ghost,) = groups(document, "ghost")
@@ -709,6 +759,10 @@ def test_quick_run_timed_ghost_statistics_and_first_step(quick_run):
         assert 0 < process["first_step_s"] < process["total_s"]
         assert first["contenders"][bn]["median_ms"] == pytest.approx(
             process["first_step_s"] * 1e3)
+    (compile_,) = groups(document, "xla_compile")
+    assert compile_["params"] == {"model": "resnet", "image": [8, 8, 1], "batch": 16}
+    assert_timed(compile_, ["kerasbn trace", "keras trace", "kerasbn XLA compile",
+                            "keras XLA compile"])
     found = {t["target"] for t in document["targets"]}
     assert found >= {"ghost vbs=8: kerasbn / kerasbn without virtual batches",
                      "statistics ResNet 8x8x1, 3 batches of 16: recompute_statistics / "

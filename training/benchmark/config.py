@@ -90,6 +90,10 @@ class Config:
             models, the global batch and the number of steps of the first `fit`.
         first_step_timeout: seconds a fresh process may take before it counts as
             not runnable.
+        xla_compile_models: the models of the xla_compile section ("mobilenet",
+            "resnet", as in first_step; built at first_step's image, batch and
+            classes).
+        xla_compile_reps: the compiles per contender and model, alternating.
         accuracy_shape: the NHWC input of the accuracy section.
         accuracy_offsets: its inputs' means, in standard deviations (one comparison
             each).
@@ -120,6 +124,8 @@ class Config:
     first_step_batch: int
     first_step_steps: int
     first_step_timeout: float
+    xla_compile_models: Tuple[str, ...]
+    xla_compile_reps: int
     accuracy_shape: Tuple[int, int, int, int]
     accuracy_offsets: Tuple[float, ...]
 
@@ -152,6 +158,7 @@ FULL = Config(
                            for replicas in (1, REPLICAS) for xla in ("off", "step")),
     first_step_reps=3, first_step_image=(32, 32, 3), first_step_batch=32,
     first_step_steps=2, first_step_timeout=900.0,
+    xla_compile_models=("mobilenet", "resnet"), xla_compile_reps=6,
     accuracy_shape=(64, 32, 32, 64), accuracy_offsets=(0.0, 1e2, 1e3, 1e4),
 )
 QUICK = Config(
@@ -167,5 +174,6 @@ QUICK = Config(
     first_step_cases=(FirstStepCase("resnet", 1, "off"),),
     first_step_reps=1, first_step_image=(8, 8, 1), first_step_batch=16,
     first_step_steps=2, first_step_timeout=300.0,
+    xla_compile_models=("resnet",), xla_compile_reps=1,
     accuracy_shape=(16, 8, 8, 16), accuracy_offsets=(0.0, 1e4),
 )

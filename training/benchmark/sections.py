@@ -369,6 +369,36 @@ def fresh_processes(run: Run, case: FirstStepCase, name: str):
     return processes
 
 
+def section_xla_compile(run: Run):
+    """For each of `config.xla_compile_models`, XLA's compile of the model's training
+    step compiled whole, kerasbn's model against the stock one, in this one process,
+    alternating, `config.xla_compile_reps` times each (see
+    `contenders.xla_compile_time`); the models are first_step's, built once."""
+    config = run.config
+    image, batch = tuple(config.first_step_image), config.first_step_batch
+    x = tf.constant(run.rng.standard_normal((batch,) + image, dtype=np.float32))
+    y = tf.constant(run.rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
+    for model_name in config.xla_compile_models:
+        name = f"{model_name} training step compiled whole, batch {batch}"
+        print(f"[xla_compile] {name}: {config.xla_compile_reps} compile(s) each", flush=True)
+        models = {bn: first_step.build(model_name, bn, image, tf.distribute.get_strategy())[0]
+                  for bn in ("kerasbn", "keras")}
+        times = {"kerasbn": [], "keras": []}
+        for rep in range(config.xla_compile_reps):
+            for bn in (("kerasbn", "keras") if rep % 2 == 0 else ("keras", "kerasbn")):
+                times[bn].append(contending.xla_compile_time(models[bn], x, y))
+                print(f"    {bn:<8} trace {times[bn][-1][0]:.2f} s, XLA compile "
+                      f"{times[bn][-1][1]:.2f} s", flush=True)
+        results = {}
+        for bn, role in (("kerasbn", OURS), ("keras", THEIRS)):
+            results[f"{bn} trace"] = summarize(role, [t for t, _ in times[bn]])
+            results[f"{bn} XLA compile"] = summarize(role, [c for _, c in times[bn]])
+        record(run.report, "xla_compile", name, results,
+               params={"model": model_name, "image": list(image), "batch": batch},
+               pairs=[("kerasbn XLA compile", "keras XLA compile"),
+                      ("kerasbn trace", "keras trace")])
+
+
 # ------------------------------------------------------------------ the table
 
 SECTIONS = {
@@ -436,6 +466,16 @@ autotuning as far as measured); the imports are in results.json. Median of 3 pro
 (--reps N: N). Cost: 16 processes of 10 s to 3 min each, 16 min at
 --reps 1 on 2 cores at load 7-8 (3 times that by default); --quick: the
 ResNet 8x8x1 on one device, one process each."""),
+    "xla_compile": Section(section_xla_compile, """\
+what first_step's jit_compile=True rows wait for, measured in one process:
+the tracing and the XLA compile of one SGD step compiled whole
+(tf.function(jit_compile=True): forward in training mode, loss, gradients,
+update), kerasbn's model against the stock one, first_step's models
+(MobileNetV2 converted, the ResNet) at its image and batch, alternating, a
+new function each time (6 compiles each; a compile is the first call less
+a second). Fresh processes' compile times drift by seconds here, which
+first_step's 3 processes cannot resolve; in one process both contenders
+drift alike. --quick: the ResNet 8x8x1, one compile each."""),
 }
 
 
