@@ -498,19 +498,23 @@ def test_first_step_build_times_the_conversion_of_a_converted_model_only():
     import kerasbn
 
     strategy = tf.distribute.get_strategy()  # the default: one device
-    converted, convert_s = first_step.build("mobilenet", "kerasbn", (32, 32, 3), strategy)
+    converted, convert_s, original = first_step.build("mobilenet", "kerasbn", (32, 32, 3),
+                                                      strategy)
     assert convert_s > 0
     assert any(isinstance(layer, kerasbn.BatchNormalization) for layer in converted.layers)
-    stock, stock_convert_s = first_step.build("mobilenet", "keras", (32, 32, 3), strategy)
-    assert stock_convert_s == 0.0
+    assert not any(isinstance(layer, kerasbn.BatchNormalization) for layer in original.layers)
+    assert first_step.keras_copy_time(original, strategy) > 0  # Keras's copy, the reference
+    stock, stock_convert_s, none = first_step.build("mobilenet", "keras", (32, 32, 3),
+                                                    strategy)
+    assert stock_convert_s == 0.0 and none is None
     assert not any(isinstance(layer, kerasbn.BatchNormalization) for layer in stock.layers)
-    assert first_step.build("resnet", "kerasbn", (8, 8, 1), strategy)[1] == 0.0
+    assert first_step.build("resnet", "kerasbn", (8, 8, 1), strategy).convert_s == 0.0
 
 
 def test_first_step_build_makes_the_trained_variables_in_the_strategy_scope(
         mirrored_strategy):
     for bn in first_step.BATCH_NORMS:
-        model, _ = first_step.build("mobilenet", bn, (32, 32, 3), mirrored_strategy)
+        model = first_step.build("mobilenet", bn, (32, 32, 3), mirrored_strategy).model
         assert all(isinstance(weight.value, tf.distribute.DistributedValues)
                    for weight in model.weights), bn
 
@@ -526,7 +530,9 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
             return {"error": "InvalidArgumentError: Trying to access resource"}
         cost = {"kerasbn": 2.0, "keras": 4.0}[bn] + len(launched) / 100
         convert_s = {"kerasbn": 0.25, "keras": 0.0}[bn]
+        clone_s = {"kerasbn": 0.2, "keras": 0.0}[bn]
         return {"python_s": 0.1, "imports_s": 5.0, "build_s": 0.5, "convert_s": convert_s,
+                "clone_s": clone_s,
                 "fit_s": cost - 0.5, "first_step_s": cost, "total_s": cost + 5.1,
                 "teardown_s": cost / 10}
 
@@ -551,6 +557,9 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
     assert one["contenders"]["kerasbn build"]["median_ms"] == pytest.approx(500)
     assert one["contenders"]["kerasbn compile and fit"]["median_ms"] == pytest.approx(1540)
     assert one["contenders"]["kerasbn conversion"]["median_ms"] == pytest.approx(250)
+    assert one["contenders"]["kerasbn: Keras's copy of the same model"] == {
+        "role": REFERENCE, "median_ms": pytest.approx(200), "p25_ms": pytest.approx(200),
+        "p75_ms": pytest.approx(200), "times_ms": [200.0] * 3}
     # The wait after the last step until fit returns is reported, and no target.
     assert one["contenders"]["kerasbn fit's return after its last step"]["median_ms"] == \
         pytest.approx(204)
@@ -558,7 +567,8 @@ def test_first_step_section_alternates_processes_and_records_what_is_not_runnabl
     assert [(r["numerator"], r["denominator"]) for r in one["ratios"]] == [
         ("kerasbn", "keras"), ("kerasbn from process start", "keras from process start"),
         ("kerasbn build", "keras build"), ("kerasbn compile and fit", "keras compile and fit"),
-        ("kerasbn fit's return after its last step", "keras fit's return after its last step")]
+        ("kerasbn fit's return after its last step", "keras fit's return after its last step"),
+        ("kerasbn conversion", "kerasbn: Keras's copy of the same model")]
     assert set(four["contenders"]) == {"keras", "keras from process start", "keras build",
                                        "keras compile and fit",
                                        "keras fit's return after its last step"}
@@ -590,7 +600,7 @@ def test_xla_compile_section_alternates_and_records_the_ratio(monkeypatch):
     built, compiled = [], []
     monkeypatch.setattr(sections.first_step, "build",
                         lambda name, bn, image, strategy: built.append((name, bn)) or
-                        ((name, bn), 0.0))
+                        first_step.Built((name, bn), 0.0))
 
     def xla_compile_time(model, x, y):
         compiled.append(model[1])
@@ -751,8 +761,9 @@ def test_quick_run_timed_ghost_statistics_first_step_and_xla_compile(quick_run):
                          "keras fit's return after its last step"])
     for bn in ("kerasbn", "keras"):
         (process,) = first["params"]["processes"][bn]
-        assert set(process) == {"python_s", "imports_s", "build_s", "convert_s", "fit_s",
-                                "first_step_s", "total_s", "teardown_s"}
+        assert set(process) == {"python_s", "imports_s", "build_s", "convert_s", "clone_s",
+                                "fit_s", "first_step_s", "total_s", "teardown_s"}
+        assert process["clone_s"] == 0.0  # nothing converted, nothing copied
         assert process["teardown_s"] >= 0
         assert process["convert_s"] == 0.0  # the ResNet is written with its batch norm
         assert process["build_s"] + process["fit_s"] == pytest.approx(process["first_step_s"])

@@ -304,7 +304,8 @@ def section_first_step(run: Run):
     """For each of `config.first_step_cases`, the time to the end of a first `fit`
     of kerasbn's model and of the stock one, each in `config.first_step_reps` fresh
     processes (alternating), with its parts (`FIRST_STEP_PARTS`) and, for a converted
-    model, the conversion's own time."""
+    model, the conversion's own time and that of Keras's copy of the same stock model
+    (`first_step.keras_copy_time`, in none of the other times)."""
     for case in run.config.first_step_cases:
         devices = "1 device" if case.replicas == 1 else f"{case.replicas} CPU replicas"
         name = f"{case.model}, {devices}, {FIRST_STEP_XLA[case.xla]}"
@@ -320,12 +321,15 @@ def section_first_step(run: Run):
             if any(p["convert_s"] for p in processes[bn]):
                 results[f"{bn} conversion"] = summarize(
                     role, [p["convert_s"] for p in processes[bn]])
+                results[f"{bn}: Keras's copy of the same model"] = summarize(
+                    REFERENCE, [p["clone_s"] for p in processes[bn]])
         record(run.report, "first_step", name, results,
                params={**case._asdict(), "image": list(run.config.first_step_image),
                        "batch": run.config.first_step_batch,
                        "steps": run.config.first_step_steps, "processes": processes},
                pairs=[("kerasbn" + suffix, "keras" + suffix)
-                      for suffix, _ in FIRST_STEP_PARTS])
+                      for suffix, _ in FIRST_STEP_PARTS]
+               + [("kerasbn conversion", "kerasbn: Keras's copy of the same model")])
 
 
 # What the first_step section compares: the first step (from before the model is
@@ -381,7 +385,7 @@ def section_xla_compile(run: Run):
     for model_name in config.xla_compile_models:
         name = f"{model_name} training step compiled whole, batch {batch}"
         print(f"[xla_compile] {name}: {config.xla_compile_reps} compile(s) each", flush=True)
-        models = {bn: first_step.build(model_name, bn, image, tf.distribute.get_strategy())[0]
+        models = {bn: first_step.build(model_name, bn, image, tf.distribute.get_strategy()).model
                   for bn in ("kerasbn", "keras")}
         times = {"kerasbn": [], "keras": []}
         for rep in range(config.xla_compile_reps):
@@ -462,7 +466,10 @@ runnable here" with the error). The figure is from before the model is
 built to the end of the fit's last step (Keras's on_train_end); the time
 from the process's start is shown beside it, and apart from it the wait
 after the last step until fit returns (an idle wait, on tf.data's
-autotuning as far as measured); the imports are in results.json. Median of 3 processes
+autotuning as far as measured); the imports are in results.json. A
+converted model's process also times Keras's own copy of the same stock
+model (keras.models.clone_model, after the conversion, in no other time),
+the reference for the conversion's cost. Median of 3 processes
 (--reps N: N). Cost: 16 processes of 10 s to 3 min each, 16 min at
 --reps 1 on 2 cores at load 7-8 (3 times that by default); --quick: the
 ResNet 8x8x1 on one device, one process each."""),
