@@ -18,9 +18,9 @@ parent's clock just before it started this process):
                   strategy's scope (a converted model's: its copy's, see `build`)
     convert_s     of build_s, the time `convert_to_kerasbn` took (0 when nothing is
                   converted: the stock models, and the ResNet written with kerasbn)
-    clone_s       for a converted model, the time `keras.models.clone_model` then
-                  takes to copy the same stock model (Keras's own copy, made after
-                  the conversion and thrown away; counted in no other time; 0 when
+    clone_s       for a converted model, the time Keras then takes to copy the same
+                  stock model with its weights (`keras_copy_time`; made after the
+                  conversion and thrown away; counted in no other time; 0 when
                   nothing is converted)
     fit_s         then `compile` and the first `fit` trained: to the end of its last step
                   (Keras's `on_train_end`, see `training_end_callback`)
@@ -162,14 +162,15 @@ def build(model_name, bn, image, strategy):
 
 
 def keras_copy_time(model, strategy):
-    """The seconds `keras.models.clone_model` takes to copy `model` in `strategy`'s
-    scope, as `convert_to_kerasbn` copies it: Keras's own copy, the reference for the
-    conversion's cost. The copy is thrown away."""
+    """The seconds Keras takes to copy `model` with its weights in `strategy`'s scope,
+    as `convert_to_kerasbn` copies it: `keras.models.clone_model` (new layers, new
+    weights) then `set_weights(model.get_weights())`. The reference for the
+    conversion's cost; the copy is thrown away."""
     import keras
 
     started = time.perf_counter()
     with strategy.scope():
-        keras.models.clone_model(model)
+        keras.models.clone_model(model).set_weights(model.get_weights())
     return time.perf_counter() - started
 
 

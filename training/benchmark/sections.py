@@ -468,8 +468,9 @@ from the process's start is shown beside it, and apart from it the wait
 after the last step until fit returns (an idle wait, on tf.data's
 autotuning as far as measured); the imports are in results.json. A
 converted model's process also times Keras's own copy of the same stock
-model (keras.models.clone_model, after the conversion, in no other time),
-the reference for the conversion's cost. Median of 3 processes
+model with its weights (keras.models.clone_model, then set_weights; after
+the conversion, in no other time), the reference for the conversion's
+cost. Median of 3 processes
 (--reps N: N). Cost: 16 processes of 10 s to 3 min each, 16 min at
 --reps 1 on 2 cores at load 7-8 (3 times that by default); --quick: the
 ResNet 8x8x1 on one device, one process each."""),
