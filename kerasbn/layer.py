@@ -366,7 +366,7 @@ class BatchNormalization(keras.layers.Layer):
         (and its warm-up count) bit for bit. The check is elementwise, channel by
         channel: a check of the whole batch reduces over the channels, a kernel of its
         own inside an XLA program that every update waits for (MobileNetV2 compiled
-        whole: XLA's compile 0.45 s shorter, median of 10 alternations in one process,
+        whole: XLA's compile 0.48 s shorter, median of 10 alternations in one process,
         8 of them shorter). In a graph the statistics that move with one momentum move
         as one stacked tensor: one check, one average and one choice for both, fewer
         ops to trace and optimize. Inside an XLA program each moves on its own: the
