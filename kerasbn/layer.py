@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from kerasbn import _arguments
 from kerasbn import distribute, fused_kernel
-from kerasbn import normalization, ops
+from kerasbn import moving_statistics, normalization, ops
 from kerasbn import programs
 from kerasbn import virtual_batches
 
@@ -384,11 +384,12 @@ class BatchNormalization(keras.layers.Layer):
         stacked = not programs.in_xla_program()
         if stacked:
             batch = tf.stack(batch)
-        usable = tf.logical_and(ops.finite_channels(batch, stacked=stacked), count > 0)
+        finite = moving_statistics.finite_channels(batch, stacked=stacked)
+        usable = tf.logical_and(finite, count > 0)
         warmup = self._warmup_momentum(usable, mean.dtype) if self.momentum_warmup else None
 
         def moved(old, value, momentum):
-            return tf.where(usable, ops.moving_average(old, value, momentum), old)
+            return tf.where(usable, moving_statistics.moving_average(old, value, momentum), old)
 
         def move(variables, momentum):
             if warmup is not None:

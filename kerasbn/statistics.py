@@ -58,7 +58,7 @@ import tensorflow as tf
 
 from kerasbn import _population_parts as parts
 from kerasbn import distribute
-from kerasbn import ops
+from kerasbn import moving_statistics, ops
 from kerasbn._population_summary import LayerStatistics, StatisticsSummary  # noqa: F401
 
 is_batch_norm = parts.is_batch_norm  # kerasbn's and Keras's BatchNormalization
@@ -322,7 +322,7 @@ class PopulationPass:
             collected, self._local.moments = self._local.moments, None
         flat = [t for layer_moments in collected for batch_moments in layer_moments
                 for t in batch_moments]
-        finite = ops.all_finite(*flat) if flat else tf.constant(True)
+        finite = moving_statistics.all_finite(*flat) if flat else tf.constant(True)
         for accumulator, layer_moments in zip(self._accumulators, collected):
             if not layer_moments:
                 continue

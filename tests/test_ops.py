@@ -154,10 +154,6 @@ def test_renorm_correction_matches_the_paper(rng, clipping):
         assert np.all(np.abs(d.numpy()) <= 0.3)
 
 
-def test_moving_average_weights_the_old_value_by_momentum():
-    assert float(ops.moving_average(tf.constant(2.0), tf.constant(4.0), 0.75)) == 2.5
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("count_kind", ["float", "int", "tensor with zeros"])
 def test_per_value_divides_by_the_count_and_gives_zero_where_nothing_was_counted(
@@ -176,26 +172,6 @@ def test_per_value_divides_by_the_count_and_gives_zero_where_nothing_was_counted
     tolerance = np.finfo(dtype).eps * np.abs(expected)
     assert np.all(np.abs(result.numpy() - expected) <= tolerance)
     assert np.all(result.numpy()[count == 0] == 0.0)
-
-
-def test_all_finite_detects_nan_and_inf():
-    assert bool(ops.all_finite(tf.ones(3), tf.ones(2)))
-    assert not bool(ops.all_finite(tf.ones(3), tf.constant([1.0, np.nan])))
-    assert not bool(ops.all_finite(tf.constant([np.inf])))
-    assert bool(ops.all_finite(tf.ones([2, 3])))  # one tensor: one check, no stack
-
-
-@pytest.mark.parametrize("stacked", [False, True], ids=["tensors", "stacked"])
-@pytest.mark.parametrize("channel_shape", [(5,), (2, 3)], ids=str)
-def test_finite_channels_marks_each_channel_with_a_nan_or_inf(rng, stacked, channel_shape):
-    statistics = rng.standard_normal((2,) + channel_shape)
-    flat = statistics.reshape(2, -1)
-    flat[0, 1], flat[1, 2], flat[1, 0] = np.nan, np.inf, -np.inf
-    expected = np.ones(flat.shape[1], bool)
-    expected[[0, 1, 2]] = False
-    given = tf.constant(statistics) if stacked else [tf.constant(s) for s in statistics]
-    result = ops.finite_channels(given, stacked=stacked)
-    np.testing.assert_array_equal(result.numpy(), expected.reshape(channel_shape))
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
