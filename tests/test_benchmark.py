@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from training.benchmark import cli, config, first_step, harness, optional, results, \
-    sections
+from training.benchmark import cli, compile_time, config, first_step, harness, optional, \
+    results, sections
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing
 from training.models import build_model
 
@@ -586,8 +586,8 @@ def test_xla_compile_time_compiles_a_new_step_that_trains(rng):
     x = tf.constant(rng.standard_normal((16, 8, 8, 1), dtype=np.float32))
     y = tf.constant(rng.integers(0, config.NUM_CLASSES, 16).astype(np.int32))
     before = [weight.numpy() for weight in model.weights]
-    trace_s, compile_s = sections.contending.xla_compile_time(model, x, y)
-    again = sections.contending.xla_compile_time(model, x, y)
+    trace_s, compile_s = compile_time.xla_compile_time(model, x, y)
+    again = compile_time.xla_compile_time(model, x, y)
     assert trace_s > 0 and compile_s > 0 and again[1] > 0  # a new function, compiled anew
     after = [weight.numpy() for weight in model.weights]
     changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
@@ -606,7 +606,7 @@ def test_xla_compile_section_alternates_and_records_the_ratio(monkeypatch):
         compiled.append(model[1])
         return 0.5, {"kerasbn": 3.0, "keras": 2.0}[model[1]] + len(compiled) / 100
 
-    monkeypatch.setattr(sections.contending, "xla_compile_time", xla_compile_time)
+    monkeypatch.setattr(compile_time, "xla_compile_time", xla_compile_time)
     run = sections.Run(dataclasses.replace(config.QUICK, xla_compile_reps=3,
                                            xla_compile_models=("mobilenet", "resnet")),
                        ("xla_compile",), np.random.default_rng(0), Report())

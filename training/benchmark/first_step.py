@@ -30,7 +30,8 @@ parent's clock just before it started this process):
     teardown_s    after the last step, until `fit` returned
 
 A configuration that fails prints {"error": "<type>: <first line>"} and exits with 1.
-The parent side is `run_fresh`; the first_step section of the benchmark runs it.
+The parent side is `run_fresh` (one process) and `fresh_processes` (a configuration's
+processes, alternating); the first_step section of the benchmark runs them.
 """
 
 import time
@@ -112,6 +113,38 @@ def run_fresh(argv, timeout):
         return json.loads(lines[-1][len(MARKER):])
     stderr = process.stderr.strip().splitlines()
     return {"error": stderr[-1] if stderr else f"exit status {process.returncode}"}
+
+
+def fresh_processes(config, report, case, name):
+    """Runs `case` (a `config.FirstStepCase`) in fresh processes, kerasbn's and keras's
+    in turn, `config.first_step_reps` times each; a contender whose process fails is
+    recorded in `report` (a `harness.Report`) as not runnable here, under the
+    comparison's `name`, and not run again.
+
+    Returns:
+        A dict "kerasbn"/"keras" -> the times of its processes (`first_step`'s dicts).
+    """
+    processes, failed = {"kerasbn": [], "keras": []}, set()
+    for rep in range(config.first_step_reps):
+        for bn in (("kerasbn", "keras") if rep % 2 == 0 else ("keras", "kerasbn")):
+            if bn in failed:
+                continue
+            result = run_fresh(command(
+                case.model, bn, case.replicas, case.xla, config.first_step_image,
+                config.first_step_batch, config.first_step_steps),
+                config.first_step_timeout)
+            if "error" in result:
+                failed.add(bn)
+                report.skip("first_step", f"{bn} ({name})",
+                            f"not runnable here: {result['error']}")
+                continue
+            processes[bn].append(result)
+            print(f"    {bn:<8} process {rep + 1}: build to first step "
+                  f"{result['first_step_s']:.1f} s (build {result['build_s']:.1f}, compile "
+                  f"and fit {result['fit_s']:.1f}; then {result['teardown_s']:.1f} until fit "
+                  f"returned); imports {result['imports_s']:.1f} s, "
+                  f"from process start {result['total_s']:.1f} s", flush=True)
+    return processes
 
 
 class Built(NamedTuple):

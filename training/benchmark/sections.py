@@ -18,9 +18,9 @@ import tensorflow as tf
 
 import kerasbn
 from training.benchmark import contenders as contending
-from training.benchmark import first_step, optional
+from training.benchmark import compile_time, first_step, optional
 from training.benchmark.config import BYTES_MOVED, COPIES, NUM_CLASSES, REPLICAS, Config, \
-    SYNC_EXCHANGES_ONLY, FirstStepCase
+    SYNC_EXCHANGES_ONLY
 from training.benchmark.harness import OURS, REFERENCE, THEIRS, Contender, Report, Timing, \
     describe, measure, record, summarize
 from training.models import build_model
@@ -311,7 +311,7 @@ def section_first_step(run: Run):
         name = f"{case.model}, {devices}, {FIRST_STEP_XLA[case.xla]}"
         print(f"[first_step] {name}: {run.config.first_step_reps} fresh process(es) "
               "each for kerasbn and keras", flush=True)
-        processes = fresh_processes(run, case, name)
+        processes = first_step.fresh_processes(run.config, run.report, case, name)
         results = {}
         for bn, role in (("kerasbn", OURS), ("keras", THEIRS)):
             if not processes[bn]:
@@ -342,42 +342,11 @@ FIRST_STEP_PARTS = (("", "first_step_s"), (" from process start", "total_s"),
                     (" fit's return after its last step", "teardown_s"))
 
 
-def fresh_processes(run: Run, case: FirstStepCase, name: str):
-    """Runs `case` in fresh processes, kerasbn's and keras's in turn; a contender whose
-    process fails is recorded as not runnable here and not run again.
-
-    Returns:
-        A dict "kerasbn"/"keras" -> the times of its processes (`first_step`'s dicts).
-    """
-    config = run.config
-    processes, failed = {"kerasbn": [], "keras": []}, set()
-    for rep in range(config.first_step_reps):
-        for bn in (("kerasbn", "keras") if rep % 2 == 0 else ("keras", "kerasbn")):
-            if bn in failed:
-                continue
-            result = first_step.run_fresh(first_step.command(
-                case.model, bn, case.replicas, case.xla, config.first_step_image,
-                config.first_step_batch, config.first_step_steps),
-                config.first_step_timeout)
-            if "error" in result:
-                failed.add(bn)
-                run.report.skip("first_step", f"{bn} ({name})",
-                                f"not runnable here: {result['error']}")
-                continue
-            processes[bn].append(result)
-            print(f"    {bn:<8} process {rep + 1}: build to first step "
-                  f"{result['first_step_s']:.1f} s (build {result['build_s']:.1f}, compile "
-                  f"and fit {result['fit_s']:.1f}; then {result['teardown_s']:.1f} until fit "
-                  f"returned); imports {result['imports_s']:.1f} s, "
-                  f"from process start {result['total_s']:.1f} s", flush=True)
-    return processes
-
-
 def section_xla_compile(run: Run):
     """For each of `config.xla_compile_models`, XLA's compile of the model's training
     step compiled whole, kerasbn's model against the stock one, in this one process,
     alternating, `config.xla_compile_reps` times each (see
-    `contenders.xla_compile_time`); the models are first_step's, built once."""
+    `compile_time.xla_compile_time`); the models are first_step's, built once."""
     config = run.config
     image, batch = tuple(config.first_step_image), config.first_step_batch
     x = tf.constant(run.rng.standard_normal((batch,) + image, dtype=np.float32))
@@ -390,7 +359,7 @@ def section_xla_compile(run: Run):
         times = {"kerasbn": [], "keras": []}
         for rep in range(config.xla_compile_reps):
             for bn in (("kerasbn", "keras") if rep % 2 == 0 else ("keras", "kerasbn")):
-                times[bn].append(contending.xla_compile_time(models[bn], x, y))
+                times[bn].append(compile_time.xla_compile_time(models[bn], x, y))
                 print(f"    {bn:<8} trace {times[bn][-1][0]:.2f} s, XLA compile "
                       f"{times[bn][-1][1]:.2f} s", flush=True)
         results = {}
