@@ -523,6 +523,37 @@ def test_inside_a_step_compiled_as_a_whole_the_math_is_part_of_that_program():
     assert not _xla_programs(layer, (32, 8, 8, 64), jit_compile_step=True)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_layers_of_one_shape_share_their_math_in_a_traced_step(rng, jit_compile):
+    """Three layers on one shape: the statistics, the forward, the backward and the
+    moving statistics' step are four functions, each traced once and called three
+    times (see `programs.compilable`)."""
+    layers = [kerasbn.BatchNormalization(jit_compile=jit_compile) for _ in range(3)]
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = x
+            for layer in layers:
+                y = layer(y, training=True)
+        return y, tape.gradient(y, x)
+
+    graph = step.get_concrete_function(tf.TensorSpec((16, 4, 4, 8))).graph
+    functions = [op.get_attr("f").name for op in graph.get_operations()
+                 if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    assert len(functions) == 12 and len(set(functions)) == 4
+    # "__inference_moments_115": the piece's name, then TensorFlow's number
+    assert {name.split("_")[-2] for name in functions} == {
+        "moments", "forward", "backward", "moved"}
+    x = _batch(rng, (16, 4, 4, 8))
+    y, _ = step(x)
+    exact = x.astype(np.float64)
+    for _ in layers:
+        exact = (exact - exact.mean((0, 1, 2))) / np.sqrt(exact.var((0, 1, 2)) + 1e-3)
+    np.testing.assert_allclose(y.numpy(), exact, atol=1e-4)
+
+
 # ------------------------------------------------------------------ numerics
 
 
