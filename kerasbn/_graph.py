@@ -19,11 +19,13 @@ generated. Those private reads (`_nodes_by_depth`, `_functional`, `_keras_histor
 used, so that they can go when upstream offers them.
 """
 
+import contextlib
 import dataclasses
 import re
 import warnings
 
 import keras
+import tensorflow as tf
 
 from kerasbn.layer import BatchNormalization
 
@@ -196,6 +198,8 @@ class _Copier:
         self.replace = replace
         self.copies = {}  # id(original) -> its copy (None: removed)
         self.pending = []  # (original, copy, weights: a list or a dict by name)
+        self.values_by_name = {}  # id(copy) -> {weight name: value} (unique names only)
+        self.created = {}  # id(copy) -> names of its weights created with their values
 
     def model(self, model, path):
         if isinstance(model, keras.Sequential):
@@ -219,6 +223,8 @@ class _Copier:
             replacement = Replacement(copy, operation.get_weights())
         if replacement.layer is not None and len(replacement.weights):
             self.pending.append((operation, replacement.layer, replacement.weights))
+            self.values_by_name[id(replacement.layer)] = _by_name(operation,
+                                                                 replacement.weights)
         return replacement.layer
 
     def _sequential(self, model, path):
@@ -237,16 +243,35 @@ class _Copier:
             return self.copy(operation, path)
 
         def call(copy, *args, **kwargs):
-            return args[0] if copy is None else copy(*args, **kwargs)
+            if copy is None:
+                return args[0]
+            with self._created_with_values(copy):  # its build, in its first call
+                return copy(*args, **kwargs)
 
         return keras.models.clone_model(model, input_tensors=inputs,
                                         clone_function=clone, call_function=call)
 
+    @contextlib.contextmanager
+    def _created_with_values(self, copy):
+        """While `copy` builds, its variables named as the original's weights are
+        created with their values (`_values_at_creation`); recorded in `self.created`."""
+        values = self.values_by_name.get(id(copy))
+        if not values or getattr(copy, "built", True):
+            yield
+            return
+        with _values_at_creation(values) as used:
+            yield
+        self.created[id(copy)] = used
+
     def assign_weights(self, caller):
+        """Assigns each copy the weights it was not created with."""
         for original, copy, values in self.pending:
+            created = self.created.get(id(copy), set())
             if not isinstance(values, dict):
-                copy.set_weights(values)
+                if len(created) < len(values):
+                    copy.set_weights(values)
                 continue
+            values = {name: value for name, value in values.items() if name not in created}
             weights = {weight.name: weight for weight in copy.weights}
             missing = sorted(set(values) - set(weights))
             if missing:
@@ -275,3 +300,43 @@ def _copied_operation(operation):
         return operation.__class__.from_config(operation.get_config())
     except NotImplementedError:  # no config (made with positional-only arguments)
         return operation  # stateless: the same operation serves both models
+
+
+
+def _by_name(original, weights):
+    """`weights` (a dict by name, or values in the order of `original.weights`) by
+    name; empty when names repeat (a layer holding sublayers), which are then assigned
+    after the build."""
+    if isinstance(weights, dict):
+        return weights
+    names = [weight.name for weight in original.weights]
+    if len(set(names)) != len(names) or len(names) != len(weights):
+        return {}
+    return dict(zip(names, weights))
+
+
+@contextlib.contextmanager
+def _values_at_creation(values):
+    """Creates the variables made inside the block and named in `values` with those
+    values instead of their initializers'.
+
+    A workaround: Keras 3 has no way to create a layer's variables with given values;
+    a copy built and then given its weights (`set_weights`, as `clone_model` users do)
+    first computes every initializer (random kernels included) and then assigns,
+    under a strategy once a replica. TensorFlow's variable creator scope hands each
+    `tf.Variable` Keras creates to `creator` with its name and initial value. Yields
+    the set of names used (each once).
+    """
+    used = set()
+
+    def creator(next_creator, **kwargs):
+        name = kwargs.get("name")
+        if name in values and name not in used:
+            value, dtype = values[name], kwargs.get("dtype")
+            kwargs["initial_value"] = lambda: (tf.convert_to_tensor(value) if dtype is None
+                                               else tf.cast(value, dtype))
+            used.add(name)
+        return next_creator(**kwargs)
+
+    with tf.variable_creator_scope(creator):
+        yield used

@@ -182,3 +182,51 @@ def test_rebuild_keeps_compilation_and_an_unbuilt_sequential():
     rebuilt = _graph.rebuild(unbuilt, lambda layer, path: None, "caller")
     assert not _graph.is_built(rebuilt) and rebuilt.name == "lazy"
     assert [layer.name for layer in rebuilt.layers] == [layer.name for layer in unbuilt.layers]
+
+
+@keras.saving.register_keras_serializable(package="kerasbn_tests")
+class _CountingInitializer(keras.initializers.Initializer):
+    """Ones, counting its calls in `calls` (shared by every copy made from config)."""
+
+    calls = 0
+
+    def __call__(self, shape, dtype=None):
+        type(self).calls += 1
+        return keras.ops.ones(shape, dtype=dtype)
+
+
+def _model_with_repeated_weight_names(rng):
+    inputs = keras.Input((4, 6), name="x")
+    hidden = keras.layers.Dense(6, kernel_initializer=_CountingInitializer(),
+                                bias_initializer=_CountingInitializer(), name="dense")(inputs)
+    # Its query, key, value and output sublayers each have a "kernel" and a "bias".
+    attended = keras.layers.MultiHeadAttention(2, 3, name="attention")(hidden, hidden)
+    model = keras.Model(inputs, keras.layers.BatchNormalization(name="bn")(attended))
+    for weight in model.weights:  # values no initializer gives
+        weight.assign(rng.normal(0.5, 1.0, weight.shape).astype(weight.dtype))
+    return model
+
+
+@pytest.mark.parametrize("replicas", [1, 4], ids=["one device", "4 replicas"])
+def test_rebuilt_layers_are_created_with_the_originals_values(rng, replicas):
+    """A copy's variables are made with the original's values (no initializer runs)
+    where its weights' names are unique, and assigned after the build where they are
+    not (the attention's sublayers); under a strategy every replica holds them."""
+    import tensorflow as tf
+
+    model = _model_with_repeated_weight_names(rng)
+    strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+                if replicas > 1 else tf.distribute.get_strategy())
+    before = _CountingInitializer.calls
+    with strategy.scope():
+        rebuilt = _graph.rebuild(model, lambda layer, path: None, "caller")
+    assert _CountingInitializer.calls == before
+    for copy, original in zip(rebuilt.weights, model.weights):
+        assert copy.name == original.name and copy is not original
+        replica_values = getattr(copy.value, "values", [copy.value])
+        assert len(replica_values) == replicas
+        for value in replica_values:
+            np.testing.assert_array_equal(np.asarray(value), original.numpy())
+    x = rng.normal(0.0, 1.0, (3, 4, 6)).astype("float32")
+    for actual, expected in zip(_outputs(rebuilt, x), _outputs(model, x)):
+        np.testing.assert_array_equal(actual, expected)
