@@ -9,7 +9,11 @@ swap a layer for another or remove it. The operations Keras records that are not
 (`x + 3.0`, `keras.ops.*` calls, the mask of `Embedding(mask_zero=True)`) are copied from
 their config, as `keras.models.clone_model` copies them. Input layers keep their names
 (`clone_model` would name them after their tensors, "keras_tensor_<n>"), so a rebuilt
-model has the input names, layer names and output names of the original.
+model has the input names, layer names and output names of the original. In a
+functional model a copy's variables are created with the original's values as it
+builds (`_values_at_creation`: no initializer runs, nothing is assigned twice); in a
+Sequential one, and for weights whose names repeat in a layer (its sublayers'), they
+are assigned after the build.
 
 Keras 3 has no public API for a model's graph: no accessor for its call nodes in order,
 for the layer or operation that produced a symbolic tensor, for the layers nested at any
