@@ -75,9 +75,11 @@ def test_round_robin_times_only_the_call_that_follows_an_untimed_one():
     assert failures == ["c"] and set(times) == {"a", "b"}
     assert times["a"] == pytest.approx([1e-3, 2e-3, 3e-3])
     assert times["b"] == pytest.approx([4e-3, 4e-3, 4e-3])
-    # Warmup a, b, c; then repetition 0 in order (c dropped), 1 rotated by one, 2 not.
+    # Warmup a, b, c; then repetition 0 in order (c dropped), 1 rotated by one, and
+    # 2, a new block for the two left, the cycle shuffled (`repetition_order`).
+    assert harness.repetition_order(["a", "b"], 2) == ["b", "a"]
     assert fake.calls == ["a", "b", "c", "a", "a", "b", "b", "c", "b", "b", "a", "a",
-                          "a", "a", "b", "b"]
+                          "b", "b", "a", "a"]
 
 
 def test_round_robin_rotates_by_one_each_repetition():
@@ -87,6 +89,25 @@ def test_round_robin_rotates_by_one_each_repetition():
     assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert fake.calls[3:] == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a",
                               "c", "c", "a", "a", "b", "b"]
+
+
+@pytest.mark.parametrize("count", [2, 3, 5, 12])
+def test_repetition_orders_give_every_place_in_each_block_and_vary_the_neighbours(count):
+    names = [f"c{i}" for i in range(count)]
+    blocks = 6
+    orders = [harness.repetition_order(names, rep) for rep in range(blocks * count)]
+    assert orders[:count] == [names[shift:] + names[:shift] for shift in range(count)]
+    for block in range(blocks):
+        rows = orders[block * count:(block + 1) * count]
+        assert all(sorted(order) == sorted(names) for order in rows)
+        # Within a block, each contender has each place once.
+        assert all(sorted(column) == sorted(names) for column in zip(*rows))
+    # Across blocks a contender does not always follow the same one (a fixed cycle
+    # would give it one predecessor at every repetition).
+    predecessors = {name: {order[order.index(name) - 1] for order in orders}
+                    for name in names}
+    assert all(len(before) > 1 for before in predecessors.values()) or count == 2
+    assert orders == [harness.repetition_order(names, rep) for rep in range(len(orders))]
 
 
 def test_measure_reports_medians_quartiles_and_ratios_of_known_costs(capsys):
