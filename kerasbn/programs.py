@@ -1,5 +1,5 @@
 """How a batch norm's math runs: as XLA programs of its own, as graph functions that
-every layer of one input signature shares, or op by op.
+every layer shares whose inputs have the same ranks and dtypes, or op by op.
 
 `ops` and `normalization` mark their pieces with `compilable`; a layer decides per
 input shape with `compiles` (its `jit_compile`: True, False or "auto", see
@@ -18,23 +18,27 @@ def compilable(fn):
 
     The compiled pieces touch no variable and no collective, which is what lets XLA
     compile them inside any strategy's replica function, on CPUs as on GPUs. Each
-    input signature gets a `tf.function` of its own (XLA compiles per concrete shape
-    anyway), so the trace keeps every static dim the caller knows, and a layer called
-    eagerly on a few shapes never triggers TensorFlow's "frequent retracing" warning,
-    which counts the traces of one function. `fn` itself receives `compiled`, to pick
-    the form of a computation that suits XLA.
+    input signature gets an XLA program of its own (XLA compiles per concrete shape
+    anyway), so a layer called eagerly on a few shapes never triggers TensorFlow's
+    "frequent retracing" warning, which counts the traces of one function. `fn` itself
+    receives `compiled`, to pick the form of a computation that suits XLA.
 
     Traced into a graph (a `tf.function`, such as the step `fit` traces), a piece
-    that is not compiled is a graph function too, without XLA of its own: traced once
-    per input signature, then called by every layer with that signature. A model's
-    batch norms repeat a few shapes (the project's ResNet: 9 layers, 3 shapes; the
-    converted MobileNetV2: 52 layers, 18 shapes), so a step traces each piece a few
-    times, not once a layer: with the batch known, as `fit` traces it, the ResNet's
-    step traced in 0.31 against 0.48 s (Keras's 0.44), MobileNetV2's in 1.55 against
-    2.63 s (Keras's 2.31), once each piece was traced (README, Performance, session 16). TensorFlow inlines the calls when it optimizes the
-    graph (a profile shows the pieces' ops run under the call's name, no call op),
-    and XLA compiles them with the program that calls them. Called eagerly and not
-    compiled, a piece runs op by op, as written.
+    that is not compiled is a graph function too, without XLA of its own, traced once
+    for the ranks and dtypes of its tensors (every dim unknown) and its other
+    arguments, and called by every layer whose call has them. TensorFlow infers each
+    call's output shapes through the function from the call's input shapes, so the
+    static shapes are those a trace for the call's shapes would give, and it knows
+    every shape again once it inlines the calls when it optimizes the graph (a profile
+    of the step shows the pieces' ops run under the call's name, no call op): the
+    steps take what they took (the project's ResNet, one layer on dense and NHWC
+    inputs: within 2 %), and a fresh process traces each piece once instead of once
+    for each shape: `fit`'s first trace of the converted MobileNetV2 (52 batch norms
+    on 18 shapes) took 1.95-1.97 s against 2.68-2.74 with a trace for each shape
+    (Keras's layer 2.64-2.68; README, Performance, session 17). Inside a step XLA
+    compiles whole a piece is traced for its shapes, the form XLA gets, and compiled
+    with that program. Called eagerly and not compiled, a piece runs op by op, as
+    written.
     """
     by_signature = {}
 
@@ -43,7 +47,8 @@ def compilable(fn):
             return fn(*args, compiled=compiled, **kwargs)
         whole = in_xla_program()  # a piece may trace another form there
         own_program = compiled and not whole
-        key = (compiled, whole, _signature((args, sorted(kwargs.items()))))
+        any_dims = not (compiled or whole)
+        key = (compiled, whole, _signature((args, sorted(kwargs.items())), any_dims))
         program = by_signature.get(key)
         if program is None:
             # A partial, not a closure: TensorFlow counts traces per code object. Named
@@ -55,6 +60,9 @@ def compilable(fn):
             piece.__name__ = fn.__name__
             program = by_signature[key] = tf.function(
                 piece, jit_compile=True if own_program else None, autograph=False)
+            if any_dims:  # the one trace; calls of any shape then find it
+                program.get_concrete_function(*_with_any_dims(args),
+                                              **_with_any_dims(kwargs))
         return program(*args, **kwargs)
 
     call.__name__, call.__doc__ = fn.__name__, fn.__doc__
@@ -124,13 +132,34 @@ def in_xla_program():
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def _signature(value):
-    """A hashable key of a call's arguments: shape and dtype for tensors, else values."""
-    if isinstance(value, (tf.Tensor, tf.Variable)) or (
-            hasattr(value, "shape") and hasattr(value, "dtype")):
+def _is_tensor_like(value):
+    return isinstance(value, (tf.Tensor, tf.Variable)) or (
+        hasattr(value, "shape") and hasattr(value, "dtype"))
+
+
+def _signature(value, any_dims=False):
+    """A hashable key of a call's arguments: shape (or, with `any_dims`, rank) and
+    dtype for tensors, else values."""
+    if _is_tensor_like(value):
         shape = tf.TensorShape(value.shape)
-        dims = None if shape.rank is None else tuple(shape.as_list())
+        if shape.rank is None:
+            dims = None
+        else:
+            dims = shape.rank if any_dims else tuple(shape.as_list())
         return ("tensor", dims, tf.as_dtype(value.dtype).name)
     if isinstance(value, (list, tuple)):
-        return tuple(_signature(item) for item in value)
+        return tuple(_signature(item, any_dims) for item in value)
+    return value
+
+
+def _with_any_dims(value):
+    """The call's arguments with each tensor as a `tf.TensorSpec` of its rank and dtype
+    whose dims are all unknown."""
+    if _is_tensor_like(value):
+        rank = tf.TensorShape(value.shape).rank
+        return tf.TensorSpec(None if rank is None else [None] * rank, value.dtype)
+    if isinstance(value, dict):
+        return {name: _with_any_dims(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_with_any_dims(item) for item in value)
     return value

@@ -523,35 +523,38 @@ def test_inside_a_step_compiled_as_a_whole_the_math_is_part_of_that_program():
     assert not _xla_programs(layer, (32, 8, 8, 64), jit_compile_step=True)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_layers_of_one_shape_share_their_math_in_a_traced_step(rng, jit_compile):
-    """Three layers on one shape: the statistics, the forward, the backward and the
-    moving statistics' step are four functions, each traced once and called three
-    times (see `programs.compilable`)."""
-    layers = [kerasbn.BatchNormalization(jit_compile=jit_compile) for _ in range(3)]
+@pytest.mark.parametrize("jit_compile", [False, "auto", True])
+def test_layers_of_one_rank_share_their_math_in_a_traced_step(rng, jit_compile):
+    """Three layers on inputs of one rank and three shapes (at most 1,024 values: no
+    program of their own with "auto"): the statistics, the forward, the backward and
+    the moving statistics' step are four functions, each traced once, for any dims,
+    and called three times (see `programs.compilable`). With `jit_compile=True` the
+    first three are XLA programs, one for each shape."""
+    shapes = [(16, 4, 4, 8), (8, 2, 2, 12), (4, 1, 3, 5)]
+    layers = [kerasbn.BatchNormalization(jit_compile=jit_compile) for _ in shapes]
 
     @tf.function
-    def step(x):
+    def step(*xs):
         with tf.GradientTape() as tape:
-            tape.watch(x)
-            y = x
-            for layer in layers:
-                y = layer(y, training=True)
-        return y, tape.gradient(y, x)
+            tape.watch(xs)
+            ys = [layer(x, training=True) for layer, x in zip(layers, xs)]
+        return ys, tape.gradient(ys, xs)
 
-    graph = step.get_concrete_function(tf.TensorSpec((16, 4, 4, 8))).graph
+    graph = step.get_concrete_function(*[tf.TensorSpec(s) for s in shapes]).graph
     functions = [op.get_attr("f").name for op in graph.get_operations()
                  if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
-    assert len(functions) == 12 and len(set(functions)) == 4
+    assert len(functions) == 12
+    assert len(set(functions)) == (3 * len(shapes) + 1 if jit_compile is True else 4)
     # "__inference_moments_115": the piece's name, then TensorFlow's number
     assert {name.split("_")[-2] for name in functions} == {
         "moments", "forward", "backward", "moved"}
-    x = _batch(rng, (16, 4, 4, 8))
-    y, _ = step(x)
-    exact = x.astype(np.float64)
-    for _ in layers:
+    xs = [_batch(rng, shape) for shape in shapes]
+    ys, dxs = step(*xs)
+    for x, y, dx in zip(xs, ys, dxs):
+        assert y.shape == dx.shape == x.shape
+        exact = x.astype(np.float64)
         exact = (exact - exact.mean((0, 1, 2))) / np.sqrt(exact.var((0, 1, 2)) + 1e-3)
-    np.testing.assert_allclose(y.numpy(), exact, atol=1e-4)
+        np.testing.assert_allclose(y.numpy(), exact, atol=1e-4)
 
 
 # ------------------------------------------------------------------ numerics

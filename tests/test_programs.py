@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kerasbn import ops, programs
+from kerasbn import moving_statistics, normalization, ops, programs
 
 
 def _calls(graph):
@@ -35,8 +35,9 @@ def _recording_piece():
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_a_piece_traced_in_a_graph_is_one_function_for_each_signature(rng, compiled):
-    shapes = [(64, 8), (64, 8), (32, 8), (64, 8)]
+def test_a_graph_piece_is_one_function_for_each_rank_and_a_program_for_each_shape(
+        rng, compiled):
+    shapes = [(64, 8), (64, 8), (32, 8), (64, 5)]
 
     @tf.function(autograph=False)
     def four_calls(*xs):
@@ -44,9 +45,15 @@ def test_a_piece_traced_in_a_graph_is_one_function_for_each_signature(rng, compi
 
     graph = four_calls.get_concrete_function(*[tf.TensorSpec(s) for s in shapes]).graph
     counts, xla = _calls(graph)
-    assert sorted(counts.values()) == [1, 3]  # (64, 8) three times, (32, 8) once
+    # Not compiled: one function for the rank; compiled: an XLA program for each shape.
+    assert sorted(counts.values()) == ([1, 1, 2] if compiled else [4])
     assert all(name.startswith("__inference_moments_") for name in counts)
     assert set(xla.values()) == {compiled}
+    # Each call's statistics keep their static shape, as a trace of their own gives.
+    outputs = four_calls.get_concrete_function(
+        *[tf.TensorSpec(s) for s in shapes]).structured_outputs
+    assert [[t.shape.as_list() for t in stats] for stats in outputs] == [
+        [[shape[1]]] * 3 for shape in shapes]
 
     xs = [(rng.standard_normal(s) * 3.0 + 5.0).astype(np.float32) for s in shapes]
     for (count, mean, variance), x in zip(four_calls(*xs), xs):
@@ -103,3 +110,63 @@ def test_inside_a_program_compiled_whole_a_piece_compiles_with_it():
     np.testing.assert_array_equal(whole(x).numpy(), [6.0, 10.0])
     np.testing.assert_array_equal(again(x).numpy(), [9.0, 15.0])
     assert bodies == ["traced", "traced"]  # the second program reuses the first's trace
+
+
+# Inputs as the layer gives them to its pieces: (input shape, axis) -> the view.
+LAYOUTS = [((16, 6), -1), ((4, 5, 2, 3), -1), ((4, 3, 5, 2), 1), ((3, 4, 2, 5), [1, 3])]
+
+
+def _piece_calls(rng, input_shape, axis, masked):
+    """(name, piece, arguments) of every piece a layer calls, for one input."""
+    layout = ops.Layout(input_shape, ops.channel_axes(axis, len(input_shape)))
+    axes = layout.axes
+
+    def tensor(shape, low=-2.0, high=2.0):
+        return tf.constant(rng.uniform(low, high, shape), tf.float32)
+
+    x = layout.view(tensor(input_shape) + 3.0)
+    dy = tensor(x.shape)
+    channels = [size for i, size in enumerate(x.shape) if i not in axes]
+    weights = None
+    if masked:
+        weights = tf.constant(rng.integers(0, 2, [size if i in axes else 1 for i, size
+                                                   in enumerate(x.shape)]), tf.float32)
+    mean, inv_std, gamma, beta, count = (tensor(channels, 0.5, 1.5) for _ in range(5))
+    mean_b, inv_std_b = (ops.broadcast_against(t, x, axes) for t in (mean, inv_std))
+    updates = None if masked else tf.ones(channels)
+    return [
+        ("moments", ops.moments, (x, axes, weights)),
+        ("shifted_moments", ops.shifted_moments, (x, axes, weights)),
+        ("affine", ops.affine, (x, gamma, beta, layout.shape)),
+        ("forward", normalization._normalize_forward,
+         (x, mean_b, inv_std_b, gamma, beta, axes)),
+        ("backward sums", normalization._backward_sums, (x, dy, mean_b, inv_std_b, axes)),
+        ("backward dx", normalization._backward_dx,
+         (x, dy, mean_b, inv_std_b, gamma, (mean, beta), weights, axes)),
+        ("backward", normalization._backward,
+         (x, dy, mean_b, inv_std_b, gamma, count, weights, axes)),
+        ("moved", moving_statistics.moved, ([mean, gamma], [beta, inv_std], count, 0.9,
+                                            updates)),
+    ]
+
+
+def _static_shape(tensor):
+    return None if tensor is None else tensor.shape.as_list()
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("input_shape, axis", LAYOUTS)
+def test_every_piece_traced_for_any_shape_gives_its_outputs_their_static_shapes(
+        rng, input_shape, axis, masked):
+    for name, piece, args in _piece_calls(rng, input_shape, axis, masked):
+        eager = piece(*args)  # op by op
+        traced = tf.function(lambda piece=piece, args=args: piece(*args), autograph=False)
+        graph_outputs = traced.get_concrete_function().structured_outputs
+        assert tf.nest.map_structure(_static_shape, graph_outputs) == \
+            tf.nest.map_structure(_static_shape, eager), name
+        for got, want in zip(tf.nest.flatten(traced()), tf.nest.flatten(eager)):
+            if want is None:
+                assert got is None, name
+                continue
+            np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-6,
+                                       err_msg=name)
