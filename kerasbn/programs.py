@@ -36,9 +36,10 @@ def compilable(fn):
     for each shape: `fit`'s first trace of the converted MobileNetV2 (52 batch norms
     on 18 shapes) took 1.95-1.97 s against 2.68-2.74 with a trace for each shape
     (Keras's layer 2.64-2.68; README, Performance, session 17). Inside a step XLA
-    compiles whole a piece is traced for its shapes, the form XLA gets, and compiled
-    with that program. Called eagerly and not compiled, a piece runs op by op, as
-    written.
+    compiles whole such a piece is one function too, which XLA compiles with the
+    program at the shapes it has there. A piece that runs as an XLA program of its own
+    (`compiled`) is traced for each input signature: its form depends on the input's
+    size (`sums`). Called eagerly and not compiled, a piece runs op by op, as written.
     """
     by_signature = {}
 
@@ -47,7 +48,7 @@ def compilable(fn):
             return fn(*args, compiled=compiled, **kwargs)
         whole = in_xla_program()  # a piece may trace another form there
         own_program = compiled and not whole
-        any_dims = not (compiled or whole)
+        any_dims = not compiled  # an XLA program of its own is traced for its shapes
         key = (compiled, whole, _signature((args, sorted(kwargs.items())), any_dims))
         program = by_signature.get(key)
         if program is None:

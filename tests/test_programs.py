@@ -112,6 +112,24 @@ def test_inside_a_program_compiled_whole_a_piece_compiles_with_it():
     assert bodies == ["traced", "traced"]  # the second program reuses the first's trace
 
 
+def test_inside_a_program_compiled_whole_a_piece_is_one_function_for_any_dims(rng):
+    shapes = [(64, 8), (32, 8), (64, 5)]
+
+    @tf.function(jit_compile=True, autograph=False)
+    def whole(*xs):
+        return [ops.moments(x, (0,)) for x in xs]
+
+    graph = whole.get_concrete_function(*[tf.TensorSpec(s) for s in shapes]).graph
+    counts, xla = _calls(graph)
+    assert list(counts.values()) == [3] and not any(xla.values())
+    xs = [(rng.standard_normal(s) * 3.0 - 7.0).astype(np.float32) for s in shapes]
+    for (count, mean, variance), x in zip(whole(*xs), xs):
+        exact = x.astype(np.float64)
+        assert count.shape == mean.shape == variance.shape == (x.shape[1],)
+        np.testing.assert_allclose(mean.numpy(), exact.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(variance.numpy(), exact.var(0), rtol=1e-5)
+
+
 # Inputs as the layer gives them to its pieces: (input shape, axis) -> the view.
 LAYOUTS = [((16, 6), -1), ((4, 5, 2, 3), -1), ((4, 3, 5, 2), 1), ((3, 4, 2, 5), [1, 3])]
 

@@ -4,15 +4,15 @@ How it measures: every comparison is one round-robin. Each contender is built, c
 `warmup` times (tracing, compilation), then each repetition calls every contender once,
 in an order that rotates by one each repetition, so that drift of the machine hits all
 alike; after every contender has had every place, the cycle is shuffled, so that no
-contender always follows the same one (see `repetition_order`). Before each timed call the program sleeps a moment, so that the worker threads of
-the previous contender (TensorFlow's and PyTorch's pools spin before they sleep) are
-idle, then calls the contender once untimed, so that the timed call finds its own
-threads awake, as a training step does after the one before it; the garbage collector
-is off while timing. Every call ends by fetching a
-result to Python, which on CPU means the work is done. TensorFlow and PyTorch use the
-same number of threads (the cores this process may use). The figure is the median;
-ratios are kerasbn / contender within the run: absolute times move with the machine's
-load, ratios much less.
+contender always follows the same one (see `repetition_order`). Before each timed call
+the program sleeps a moment, so that the worker threads of the previous contender
+(TensorFlow's and PyTorch's pools spin before they sleep) are idle, then calls the
+contender once untimed, so that the timed call finds its own threads awake, as a
+training step does after the one before it; the garbage collector is off while
+timing. Every call ends by fetching a result to Python, which on CPU means the work is
+done. TensorFlow and PyTorch use the same number of threads (the cores this process
+may use). The figure is the median; ratios are kerasbn / contender within the run:
+absolute times move with the machine's load, ratios much less.
 """
 
 import dataclasses
