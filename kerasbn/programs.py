@@ -34,8 +34,8 @@ def compilable(fn):
     steps take what they took (the project's ResNet, one layer on dense and NHWC
     inputs: within 2 %), and a fresh process traces each piece once instead of once
     for each shape: `fit`'s first trace of the converted MobileNetV2 (52 batch norms
-    on 18 shapes) took 1.95-1.97 s against 2.68-2.74 with a trace for each shape
-    (Keras's layer 2.64-2.68; README, Performance, session 17). Inside a step XLA
+    on 18 shapes) took 1.91-1.97 s against 2.68-2.74 with a trace for each shape
+    (Keras's layer 2.62-2.68; README, Performance, session 17). Inside a step XLA
     compiles whole such a piece is one function too, which XLA compiles with the
     program at the shapes it has there. A piece that runs as an XLA program of its own
     (`compiled`) is traced for each input signature: its form depends on the input's
@@ -143,10 +143,7 @@ def _signature(value, any_dims=False):
     dtype for tensors, else values."""
     if _is_tensor_like(value):
         shape = tf.TensorShape(value.shape)
-        if shape.rank is None:
-            dims = None
-        else:
-            dims = shape.rank if any_dims else tuple(shape.as_list())
+        dims = shape.rank if any_dims or shape.rank is None else tuple(shape.as_list())
         return ("tensor", dims, tf.as_dtype(value.dtype).name)
     if isinstance(value, (list, tuple)):
         return tuple(_signature(item, any_dims) for item in value)

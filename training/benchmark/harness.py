@@ -123,10 +123,9 @@ def repetition_order(names, rep):
 def round_robin(calls, timing, on_error):
     """Times every callable `timing.reps` times after `timing.warmup` calls.
 
-    Each repetition calls the contenders in the order `repetition_order` gives;
-    each timed call follows a pause and an untimed call of the
-    same contender (see the module docstring). The garbage collector is off while
-    timing.
+    Each repetition calls the contenders in the order `repetition_order` gives; each
+    timed call follows a pause and an untimed call of the same contender (see the
+    module docstring). The garbage collector is off while timing.
 
     Args:
         calls: a dict name -> callable with no arguments.
