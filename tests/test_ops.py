@@ -176,10 +176,20 @@ def test_per_value_divides_by_the_count_and_gives_zero_where_nothing_was_counted
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ops", "xla"])
 def test_variance_survives_outliers_where_the_shift_is_sampled(rng, compiled):
-    """The shift comes from the first values; outliers there must not cost accuracy."""
+    """The shift comes from the first values; outliers there must not cost accuracy.
+
+    The outliers move the shift by a fraction of the spread they add, so the shift
+    costs nothing here; what remains is the float32 sum. TensorFlow's op-by-op
+    reduction sums a column in sequence, and with the outliers first every later term
+    is rounded at their magnitude: off by up to 9e-6 of the variance in 300 seeds and
+    1.04e-5 at seed 870221624 (a two-pass variance with TensorFlow's ops, around the
+    mean itself, up to 1.4e-5); XLA's sum stays within 1.1e-6. A shift of 0 would be
+    off by 4e-3 to 0.66.
+    """
     x = (1e3 + rng.standard_normal((4096, 4))).astype(np.float32)
     x[:3] += 500.0 * rng.standard_normal((3, 4)).astype(np.float32)
     _, mean, var = ops.moments(tf.constant(x), (0,), compiled=compiled)
     _, ref_mean, ref_var = reference.moments(x, [1])
-    assert np.all(np.abs(var.numpy() - ref_var) <= 1e-5 * ref_var)
+    tolerance = 5e-6 if compiled else 3e-5
+    assert np.all(np.abs(var.numpy() - ref_var) <= tolerance * ref_var)
     assert reference.relative_error(mean, ref_mean) < 1e-6
